@@ -1,0 +1,98 @@
+"""The ``vmfactory`` command line.
+
+Exit codes: 0 success, 1 a vmfactory error (one line on stderr), 2 bad usage or
+configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from vmfactory.config import Config, load_config
+from vmfactory.errors import ConfigError, VmFactoryError
+
+logger = logging.getLogger(__name__)
+
+
+def _add_vm_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", type=int, help="vCPUs (default: config vm.cpus)")
+    p.add_argument("--memory", type=int, metavar="MIB", help="memory (default: vm.memory_mib)")
+    p.add_argument("--accel", choices=["auto", "kvm", "tcg"], help="accelerator")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmfactory", description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=Path, help="TOML config over the embedded default")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    image = sub.add_parser("image", help="guest image").add_subparsers(dest="image_cmd",
+                                                                      required=True)
+    build = image.add_parser("build", help="build the guest image (cached by content)")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    image.add_parser("info", help="show the current guest image")
+
+    boot = sub.add_parser("boot", help="cold-boot one VM (CreateNew), talk to its agent, "
+                                       "print timings, stop it")
+    _add_vm_options(boot)
+    boot.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, Any] = {}
+    vm = {k: v for k, v in (("cpus", getattr(args, "cpus", None)),
+                            ("memory_mib", getattr(args, "memory", None)),
+                            ("accel", getattr(args, "accel", None))) if v is not None}
+    if vm:
+        overrides["vm"] = vm
+    return load_config(args.config, overrides)
+
+
+def _image(config: Config, args: argparse.Namespace) -> int:
+    from vmfactory.guest.image import ImageBuilder
+
+    builder = ImageBuilder(config.paths.state_dir)
+    img = builder.ensure(force=getattr(args, "force", False))
+    print(json.dumps({"key": img.key, "directory": str(img.directory),
+                      "kernel_release": img.kernel_release,
+                      "size_mib": {k: round(v, 1) for k, v in img.manifest["size_mib"].items()},
+                      "build_seconds": img.manifest["build_seconds"]}, indent=2))
+    return 0
+
+
+def _boot(config: Config, args: argparse.Namespace) -> int:
+    from vmfactory.demo import boot_once, format_boot
+
+    result = asyncio.run(boot_once(config))
+    print(json.dumps(result) if args.json else format_boot(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = _config(args)
+        if args.command == "image":
+            return _image(config, args)
+        return _boot(config, args)
+    except ConfigError as exc:
+        print(f"vmfactory: {exc}", file=sys.stderr)
+        return 2
+    except VmFactoryError as exc:
+        print(f"vmfactory: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""One typed configuration, loaded from TOML and validated once.
+
+``load_config()`` merges a user file over the embedded default
+(``config/vmfactory.toml``).  Every value is checked here, so the rest of the
+code can trust it; a bad value raises :class:`ConfigError` naming its key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from vmfactory.errors import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "vmfactory.toml"
+
+Accel = Literal["auto", "kvm", "tcg"]
+
+MIN_MEMORY_MIB = 128
+MAX_CPUS = 64
+MAX_MEMORY_MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    state_dir: Path = Path("/var/lib/vmfactory")
+    run_dir: Path = Path("/run/vmfactory")
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Explicit kernel/initrd/rootfs paths; empty means the built image."""
+
+    kernel: str = ""
+    initrd: str = ""
+    rootfs: str = ""
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    """What a VM is made of (Kata's HypervisorConfig)."""
+
+    cpus: int = 1
+    memory_mib: int = 256
+    max_cpus: int = 4
+    max_memory_mib: int = 2048
+    accel: Accel = "auto"
+    qemu: str = "qemu-system-x86_64"
+    kernel_args: str = ""
+
+    def __post_init__(self) -> None:
+        _check_range("vm.cpus", self.cpus, 1, MAX_CPUS)
+        _check_range("vm.max_cpus", self.max_cpus, self.cpus, MAX_CPUS)
+        _check_range("vm.memory_mib", self.memory_mib, MIN_MEMORY_MIB, MAX_MEMORY_MIB)
+        _check_range("vm.max_memory_mib", self.max_memory_mib, self.memory_mib, MAX_MEMORY_MIB)
+
+
+@dataclass(frozen=True)
+class TimeoutsConfig:
+    """Seconds allowed for each named wait."""
+
+    qemu_start: float = 10.0
+    qmp_command: float = 10.0
+    agent_ready: float = 90.0
+    agent_call: float = 10.0
+    shutdown: float = 10.0
+    kvm_probe: float = 20.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_range(f"timeouts.{f.name}", getattr(self, f.name), 0.01, 3600.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole vmfactory configuration."""
+
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    vm: VmConfig = field(default_factory=VmConfig)
+    timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+
+
+def _check_range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(key, f"{value!r} is out of range [{lo}, {hi}]")
+
+
+def _convert(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            choices = ", ".join(map(repr, typing.get_args(hint)))
+            raise ConfigError(key, f"{value!r} is not one of {choices}")
+        return value
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(key, "expected a non-empty path string")
+        return Path(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or isinstance(value, bool) != (hint is bool):
+        raise ConfigError(key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and bad types."""
+    if not isinstance(data, dict):
+        raise ConfigError(prefix.rstrip(".") or "<root>", "expected a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(prefix + unknown[0], "unknown key")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = build(hint, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _convert(prefix + name, value, hint)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(prefix.rstrip(".") or "<root>", str(exc)) from exc
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(path), "file not found") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"invalid TOML: {exc}") from exc
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Load the default config, a user file over it, then ``overrides`` over that."""
+    data = _read_toml(DEFAULT_CONFIG)
+    if path is not None:
+        data = _merge(data, _read_toml(path))
+    if overrides:
+        data = _merge(data, overrides)
+    return build(Config, data)

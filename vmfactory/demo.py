@@ -1,0 +1,64 @@
+"""The main job for a person trying vmfactory: boot a VM and show what it costs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vmfactory.config import Config
+from vmfactory.factory.direct import DirectFactory
+from vmfactory.factory.spec import image_paths
+from vmfactory.hypervisor.qemu import QemuHypervisor
+from vmfactory.progress import Progress
+
+
+async def boot_once(config: Config) -> dict[str, Any]:
+    """Cold-boot one VM, exercise its agent, stop it; return what was measured."""
+    progress = Progress(4, prefix="boot: ")
+    with progress.step("guest image (built on first use)"):
+        await image_paths(config, quiet=False)
+    factory = DirectFactory(config, QemuHypervisor(config.paths.run_dir, config.timeouts))
+    with progress.step("cold boot to agent ready"):
+        vm = await factory.get_vm()
+    try:
+        with progress.step("agent: info, set time, reseed"):
+            assert vm.agent is not None
+            t = time.monotonic()
+            await vm.agent.ping()
+            ping_ms = (time.monotonic() - t) * 1000
+            info = await vm.agent.info(16)
+            skew = await vm.agent.set_time()
+            reseed = await vm.agent.reseed()
+            memory = vm.memory()
+    finally:
+        with progress.step("stop VM"):
+            await vm.stop()
+            await factory.close()
+    return {
+        "vm_id": vm.id, "accel": vm.spec.accel, "cpus": info.cpus_online,
+        "kernel": info.kernel_release, "guest_mem_total_mib": round(info.mem_total_kib / 1024, 1),
+        "timings_ms": vm.timings.as_dict(), "ping_ms": round(ping_ms, 3),
+        "clock_skew_after_set_ms": round(skew.skew_ns / 1e6, 3),
+        "reseeded": reseed.reseeded, "random": info.random.hex(),
+        "host_memory_mib": {"rss": round(memory.rss_mib, 1), "pss": round(memory.pss_mib, 1),
+                            "uss": round(memory.uss_mib, 1)},
+    }
+
+
+def format_boot(r: dict[str, Any]) -> str:
+    t = r["timings_ms"]
+    rows = [
+        ("VM", f"{r['vm_id']} ({r['accel']}, {r['cpus']} vCPU, {r['guest_mem_total_mib']} MiB usable)"),
+        ("guest kernel", r["kernel"]),
+        ("QEMU start (spawn -> QMP)", f"{t['qemu_start_ms']:.0f} ms"),
+        ("kernel (guest uptime at /init)", f"{t['guest_init_s'] * 1000:.0f} ms guest time"),
+        ("agent up (guest uptime)", f"{t['guest_agent_ready_s'] * 1000:.0f} ms guest time"),
+        ("spawn -> agent ready (host)", f"{t['agent_ready_ms']:.0f} ms"),
+        ("agent ping", f"{r['ping_ms']:.2f} ms"),
+        ("guest clock after set", f"{r['clock_skew_after_set_ms']:+.3f} ms from host"),
+        ("RNG reseeded", "yes" if r["reseeded"] else "no"),
+        ("host memory (RSS/PSS/USS)",
+         "{rss} / {pss} / {uss} MiB".format(**r["host_memory_mib"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

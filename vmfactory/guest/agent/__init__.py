@@ -1,0 +1,8 @@
+"""The vmfactory guest agent: a gRPC service that runs inside each VM.
+
+It ships in the guest image together with ``vmfactory.proto`` and imports
+nothing else from vmfactory, so keep it that way.
+"""
+
+AGENT_PORT_NAME = "vmfactory.agent"
+"""Name of the virtio-serial port the host's agent channel is attached to."""

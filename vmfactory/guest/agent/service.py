@@ -1,0 +1,78 @@
+"""The Agent gRPC service: thin handlers over the platform."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform as _platform
+
+import grpc
+
+from vmfactory import __version__
+from vmfactory.guest.agent.platform import (
+    Platform, cpus_online, read_boot_id, read_entropy_avail, read_meminfo, read_uptime,
+)
+from vmfactory.proto import agent_pb2 as pb
+from vmfactory.proto import agent_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_RANDOM_BYTES = 256
+MIN_ENTROPY_BYTES = 16
+MAX_ENTROPY_BYTES = 512
+
+
+class AgentService(pb_grpc.AgentServicer):
+    """Implements vmfactory.agent.v1.Agent."""
+
+    def __init__(self, platform: Platform, boot: pb.BootTimings) -> None:
+        self._platform = platform
+        self._boot = boot
+
+    async def Ping(self, request: pb.PingRequest, context: grpc.aio.ServicerContext) -> pb.PingReply:
+        return pb.PingReply(token=request.token, agent_version=__version__)
+
+    async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.GuestInfo:
+        if request.random_bytes > MAX_RANDOM_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"random_bytes must be at most {MAX_RANDOM_BYTES}")
+        mem = read_meminfo()
+        return pb.GuestInfo(
+            kernel_release=_platform.release(),
+            uptime_s=read_uptime(),
+            mem_total_kib=mem.get("MemTotal", 0),
+            mem_available_kib=mem.get("MemAvailable", 0),
+            random=os.urandom(request.random_bytes),
+            boot_id=read_boot_id(),
+            time_unix_ns=self._platform.now_ns(),
+            cpus_online=cpus_online(),
+            boot=self._boot,
+            agent_version=__version__,
+            platform=self._platform.name,
+            entropy_avail=read_entropy_avail(),
+        )
+
+    async def SetTime(self, request: pb.SetTimeRequest, context: grpc.aio.ServicerContext) -> pb.SetTimeReply:
+        if request.time_unix_ns <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "time_unix_ns must be positive")
+        try:
+            self._platform.set_time(request.time_unix_ns)
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"clock_settime failed: {exc}")
+        return pb.SetTimeReply(skew_ns=self._platform.now_ns() - request.time_unix_ns)
+
+    async def Reseed(self, request: pb.ReseedRequest, context: grpc.aio.ServicerContext) -> pb.ReseedReply:
+        n = len(request.entropy)
+        if not MIN_ENTROPY_BYTES <= n <= MAX_ENTROPY_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"entropy must be {MIN_ENTROPY_BYTES}-{MAX_ENTROPY_BYTES} bytes, got {n}")
+        if request.credit_bits > 8 * n:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                "credit_bits exceeds 8 bits per entropy byte")
+        try:
+            result = self._platform.reseed(request.entropy, request.credit_bits)
+        except OSError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"RNG ioctl failed: {exc}")
+        logger.info("reseeded RNG with %d host bytes", n)
+        return pb.ReseedReply(added=result.added, reseeded=result.reseeded,
+                              entropy_avail=result.entropy_avail)

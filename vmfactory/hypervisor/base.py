@@ -1,0 +1,144 @@
+"""The hypervisor plugin interface: what the factory needs from a VM.
+
+A :class:`Vm` moves through :class:`VmState` explicitly; an operation called in
+the wrong state raises :class:`VmStateError`.  ``stop()`` is the one idempotent
+teardown: it undoes everything ``start()`` set up, in reverse.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+from vmfactory.agent import AgentClient
+from vmfactory.config import TimeoutsConfig, VmConfig
+from vmfactory.errors import VmStateError
+
+
+class VmState(enum.Enum):
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything one VM boots from, resolved (no 'auto' left)."""
+
+    vm: VmConfig
+    kernel: Path
+    initrd: Path
+    rootfs: Path
+    accel: Literal["kvm", "tcg"]
+    extra_kernel_args: tuple[str, ...] = ()
+
+
+@dataclass
+class BootTimings:
+    """Milliseconds from process spawn, plus the guest's own uptime milestones."""
+
+    qemu_start_ms: float = 0.0
+    agent_ready_ms: float = 0.0
+    guest_init_s: float = 0.0
+    guest_agent_ready_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class MemoryUsage:
+    """Host memory of one VM's process, in MiB."""
+
+    rss_mib: float
+    pss_mib: float
+    uss_mib: float
+
+    @classmethod
+    def of_pid(cls, pid: int) -> MemoryUsage:
+        info = psutil.Process(pid).memory_full_info()
+        mib = float(1 << 20)
+        return cls(info.rss / mib, info.pss / mib, info.uss / mib)
+
+
+def new_vm_id() -> str:
+    return secrets.token_hex(4)
+
+
+class Vm(ABC):
+    """One VM and its agent channel."""
+
+    def __init__(self, spec: VmSpec, run_dir: Path, timeouts: TimeoutsConfig,
+                 vm_id: str | None = None) -> None:
+        self.id = vm_id or new_vm_id()
+        self.spec = spec
+        self.run_dir = run_dir / self.id
+        self.timeouts = timeouts
+        self.state = VmState.CREATED
+        self.timings = BootTimings()
+        self.agent: AgentClient | None = None
+
+    def _require(self, operation: str, *allowed: VmState) -> None:
+        if self.state not in allowed:
+            raise VmStateError(operation, self.state.value)
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    @abstractmethod
+    def pid(self) -> int | None:
+        """The process that holds the VM, while it runs."""
+
+    def memory(self) -> MemoryUsage:
+        """Host memory used by the VM's process."""
+        self._require("memory", VmState.RUNNING, VmState.PAUSED)
+        assert self.pid is not None
+        return MemoryUsage.of_pid(self.pid)
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Boot and wait until the agent answers (CREATED -> RUNNING)."""
+
+    @abstractmethod
+    async def pause(self) -> None:
+        """Stop the vCPUs (RUNNING -> PAUSED)."""
+
+    @abstractmethod
+    async def resume(self) -> None:
+        """Restart the vCPUs (PAUSED -> RUNNING)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Shut down and remove every trace; idempotent.
+
+        Any state goes to STOPPED, except FAILED: a VM that failed to start was
+        already torn down and keeps saying why it is gone.
+        """
+
+
+class Hypervisor(ABC):
+    """Creates VMs of one kind."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def create_vm(self, spec: VmSpec, vm_id: str | None = None) -> Vm:
+        """A new VM in state CREATED; call ``start()`` to boot it."""
+
+    def describe(self) -> dict[str, str]:
+        return {"name": self.name}
+
+
+__all__ = ["BootTimings", "Hypervisor", "MemoryUsage", "Vm", "VmSpec", "VmState"]

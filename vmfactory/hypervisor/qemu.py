@@ -1,0 +1,258 @@
+"""The QEMU hypervisor plugin, driven over QMP with qemu.qmp.
+
+Each VM owns ``<run_dir>/<id>/`` (QMP and agent sockets, QEMU's log, the serial
+console log).  QEMU runs in its own session so it can outlive a crashed daemon.
+Every wait is bounded by a named timeout; a VM that misses one is killed, its
+run directory removed, and the error names the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+from qemu.qmp import ConnectError, QMPClient, QMPError
+
+from vmfactory.agent import AgentClient
+from vmfactory.config import TimeoutsConfig
+from vmfactory.errors import AgentError, HypervisorError
+from vmfactory.guest.agent import AGENT_PORT_NAME
+from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec, VmState
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "quiet", "loglevel=3")
+QMP_RETRY_S = 0.005
+# Memory hot-plug slots reserved in every VM so hot-plug works on clones too.
+MEMORY_SLOTS = 8
+
+
+def qemu_argv(spec: VmSpec, run_dir: Path, name: str) -> list[str]:
+    """The QEMU command line for ``spec``; the device set is the same for every VM."""
+    vm = spec.vm
+    append = " ".join((*BASE_KERNEL_ARGS, *spec.extra_kernel_args, vm.kernel_args)).strip()
+    argv = [
+        vm.qemu, "-name", f"vmfactory-{name}", "-nodefaults", "-no-user-config",
+        "-display", "none", "-no-reboot",
+        "-machine", f"q35,accel={spec.accel}",
+        "-cpu", "host" if spec.accel == "kvm" else "max",
+        "-smp", f"{vm.cpus},maxcpus={vm.max_cpus}",
+        "-m", f"{vm.memory_mib}M,slots={MEMORY_SLOTS},maxmem={vm.max_memory_mib}M",
+        "-kernel", str(spec.kernel), "-initrd", str(spec.initrd), "-append", append,
+        "-chardev", f"file,id=console,path={run_dir / 'console.log'}",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off",
+        "-drive", f"file={spec.rootfs},if=none,id=root,format=raw,readonly=on",
+        "-device", "virtio-blk-pci,drive=root,id=rootdisk",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", f"socket,id=agent,path={run_dir / 'agent.sock'},server=on,wait=off",
+        "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-device", "vmgenid,id=vmgen0",
+        "-pidfile", str(run_dir / "qemu.pid"),
+    ]
+    return argv
+
+
+def last_line(path: Path, marker: str = "") -> str:
+    """The last non-empty line of a log (the last one containing ``marker``, if given)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and marker in ln]
+    return lines[-1][-300:] if lines else ""
+
+
+class QemuVm(Vm):
+    """A VM in a QEMU process."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._qmp: QMPClient | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc and self._proc.returncode is None else None
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    async def start(self) -> None:
+        self._require("start", VmState.CREATED)
+        self.state = VmState.STARTING
+        t0 = time.monotonic()
+        try:
+            self._check_inputs()
+            self.run_dir.mkdir(mode=0o700, parents=True)
+            await self._spawn()
+            await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
+            self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
+            await self._wait_agent()
+            self.timings.agent_ready_ms = (time.monotonic() - t0) * 1000
+        except BaseException:
+            self.state = VmState.FAILED
+            await self._teardown()
+            raise
+        self.state = VmState.RUNNING
+        logger.info("vm %s running (pid %s, agent ready in %.0f ms)", self.id, self.pid,
+                    self.timings.agent_ready_ms)
+
+    def _check_inputs(self) -> None:
+        for what, path in (("kernel", self.spec.kernel), ("initrd", self.spec.initrd),
+                           ("root image", self.spec.rootfs)):
+            if not path.is_file():
+                raise HypervisorError("qemu-start", f"{what} not found: {path}")
+        host_mib = psutil.virtual_memory().total >> 20
+        if self.spec.vm.memory_mib > host_mib:
+            raise HypervisorError("qemu-start", f"memory_mib {self.spec.vm.memory_mib} exceeds "
+                                                f"host memory ({host_mib} MiB)")
+        if shutil.which(self.spec.vm.qemu) is None:
+            raise HypervisorError("qemu-start", f"QEMU binary not found: {self.spec.vm.qemu}")
+
+    async def _spawn(self) -> None:
+        argv = qemu_argv(self.spec, self.run_dir, self.id)
+        logger.debug("vm %s: %s", self.id, " ".join(argv))
+        with open(self.run_dir / "qemu.log", "wb") as log:
+            self._proc = await asyncio.create_subprocess_exec(
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+
+    async def _connect_qmp(self) -> None:
+        while not self.qmp_socket.exists():
+            await asyncio.sleep(QMP_RETRY_S)
+        while True:
+            qmp = QMPClient(f"vm-{self.id}")
+            try:
+                await qmp.connect(str(self.qmp_socket))
+            except ConnectError:
+                await asyncio.sleep(QMP_RETRY_S)
+                continue
+            self._qmp = qmp
+            return
+
+    async def _wait_agent(self) -> None:
+        self.agent = AgentClient(f"unix:{self.agent_socket}", self.timeouts.agent_call)
+        timeout = self.timeouts.agent_ready
+        await self._guarded("agent-ready", self.agent.wait_ready(timeout), timeout + 1)
+        info = await self._guarded("agent-ready", self.agent.info(0), self.timeouts.agent_call)
+        self.timings.guest_init_s = info.boot.init_start_s
+        self.timings.guest_agent_ready_s = info.boot.agent_ready_s
+
+    async def _guarded(self, step: str, work: Awaitable[T], timeout: float) -> T:
+        """Run ``work`` unless QEMU exits first or ``timeout`` passes."""
+        assert self._proc is not None
+        task = asyncio.ensure_future(work)
+        exited = asyncio.ensure_future(self._proc.wait())
+        try:
+            done, _ = await asyncio.wait({task, exited}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task in done:
+            try:
+                return task.result()
+            except (AgentError, QMPError, OSError) as exc:
+                raise HypervisorError(step, str(exc)) from exc
+        if exited in done:
+            raise HypervisorError(step, f"QEMU exited with code {self._proc.returncode}: "
+                                        f"{self._exit_reason()}")
+        raise HypervisorError(step, f"timed out after {timeout:g} s")
+
+    def _exit_reason(self) -> str:
+        return (last_line(self.run_dir / "console.log", "vmfactory-init: FAILED")
+                or last_line(self.run_dir / "qemu.log")
+                or last_line(self.run_dir / "console.log") or "no output")
+
+    async def qmp(self, command: str, **arguments: Any) -> Any:
+        """Run one QMP command within the qmp_command timeout."""
+        if self._qmp is None:
+            raise HypervisorError(command, "no QMP connection")
+        try:
+            return await asyncio.wait_for(self._qmp.execute(command, arguments or None),
+                                          self.timeouts.qmp_command)
+        except (QMPError, asyncio.TimeoutError) as exc:
+            raise HypervisorError(command, f"QMP {command} failed: {exc!r}") from exc
+
+    async def pause(self) -> None:
+        self._require("pause", VmState.RUNNING)
+        await self.qmp("stop")
+        self.state = VmState.PAUSED
+
+    async def resume(self) -> None:
+        self._require("resume", VmState.PAUSED)
+        await self.qmp("cont")
+        self.state = VmState.RUNNING
+
+    async def stop(self) -> None:
+        if self.state in (VmState.STOPPED, VmState.FAILED, VmState.CREATED):
+            self.state = VmState.STOPPED if self.state != VmState.FAILED else self.state
+            return
+        self.state = VmState.STOPPING
+        try:
+            await self._teardown(graceful=True)
+        finally:
+            self.state = VmState.STOPPED
+
+    async def _teardown(self, graceful: bool = False) -> None:
+        """Agent channel, QMP, process, run directory: undone in reverse order of setup."""
+        if self.agent is not None:
+            await self.agent.close()
+            self.agent = None
+        if graceful and self._qmp is not None and self._proc and self._proc.returncode is None:
+            try:
+                await asyncio.wait_for(self._qmp.execute("quit"), self.timeouts.qmp_command)
+            except (QMPError, asyncio.TimeoutError, EOFError, ConnectionError):
+                pass  # QEMU may close the socket before answering; the wait below decides
+        if self._qmp is not None:
+            qmp, self._qmp = self._qmp, None
+            try:
+                await qmp.disconnect()
+            except (QMPError, EOFError, OSError):
+                pass  # the peer is gone already: exactly what teardown wants
+        await self._reap(self.timeouts.shutdown if graceful else 0.0)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    async def _reap(self, grace: float) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None and grace > 0:
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except asyncio.TimeoutError:
+                logger.warning("vm %s: QEMU did not exit within %g s, killing it", self.id, grace)
+        if proc.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await proc.wait()
+
+
+class QemuHypervisor(Hypervisor):
+    """Creates :class:`QemuVm` instances under ``run_dir``."""
+
+    name = "qemu"
+
+    def __init__(self, run_dir: Path, timeouts: TimeoutsConfig) -> None:
+        self.run_dir = run_dir
+        self.timeouts = timeouts
+
+    def create_vm(self, spec: VmSpec, vm_id: str | None = None) -> QemuVm:
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return QemuVm(spec, self.run_dir, self.timeouts, vm_id)

@@ -1,0 +1,190 @@
+"""The abstract metadata store.
+
+This is vmfactory's take on Kata Containers' metadata storage plugin API
+(``Save(key, value)``, ``Load(key)``, ``Delete(key)``), plus ``list`` and an
+explicit lifecycle.  :class:`Store` owns everything the backends share: key
+validation, value type checks, the open/closed state and the JSON helpers.
+Backends implement the ``_save`` / ``_load`` / ``_delete`` / ``_list`` /
+``_close`` hooks and may assume the key is valid and the store is open.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import threading
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Any, Self
+
+from vmfactory.store.errors import RecordFormatError, StoreClosed
+from vmfactory.store.keys import key_in_prefix, validate_key, validate_prefix
+
+__all__ = ["Store", "StoreState"]
+
+log = logging.getLogger(__name__)
+
+
+class StoreState(enum.Enum):
+    """Lifecycle of a :class:`Store`: born OPEN, ends CLOSED, never reopens."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"store values must be bytes, not {type(value).__name__}")
+
+
+class Store(ABC):
+    """A key/value store for vmfactory metadata.
+
+    Keys follow :mod:`vmfactory.store.keys`; values are opaque bytes.  Every
+    public method raises :class:`~vmfactory.store.errors.StoreClosed` once the
+    store is closed and :class:`~vmfactory.store.errors.InvalidKey` for a bad
+    key.  Instances are safe to share between threads; closing while other
+    threads still use the store is the caller's problem.
+    """
+
+    def __init__(self, location: str) -> None:
+        self._location = location
+        self._state = StoreState.OPEN
+        self._state_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def location(self) -> str:
+        """Where the store lives (a filesystem path for both backends)."""
+        return self._location
+
+    @property
+    def state(self) -> StoreState:
+        """The current :class:`StoreState`."""
+        return self._state
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._state is StoreState.CLOSED
+
+    def _check_open(self) -> None:
+        if self._state is not StoreState.OPEN:
+            raise StoreClosed(f"{type(self).__name__} at {self._location} is closed")
+
+    def close(self) -> None:
+        """Release the store's resources.  Calling it again does nothing."""
+        with self._state_lock:
+            if self._state is StoreState.CLOSED:
+                return
+            self._state = StoreState.CLOSED
+            self._close()
+        log.debug("closed %s at %s", type(self).__name__, self._location)
+
+    def __enter__(self) -> Self:
+        self._check_open()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self._location} {self._state.value}>"
+
+    # -- the plugin API ----------------------------------------------------
+
+    def save(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key`` durably, replacing any previous value.
+
+        When this returns the record survives a crash or power loss.
+        """
+        self._check_open()
+        validate_key(key)
+        self._save(key, _as_bytes(value))
+
+    def load(self, key: str) -> bytes:
+        """Return the value stored under ``key``.
+
+        Raises :class:`~vmfactory.store.errors.RecordNotFound` if there is none,
+        and :class:`~vmfactory.store.errors.CorruptRecord` if the stored bytes
+        fail their checksum (they are moved aside first, so the key then reads
+        as missing).
+        """
+        self._check_open()
+        validate_key(key)
+        return self._load(key)
+
+    def delete(self, key: str) -> None:
+        """Remove the record under ``key``.
+
+        Raises :class:`~vmfactory.store.errors.RecordNotFound` if there is none.
+        """
+        self._check_open()
+        validate_key(key)
+        self._delete(key)
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Return the sorted keys selected by ``prefix``.
+
+        Prefixes work on part boundaries: ``""`` selects all keys, ``"vms/"``
+        selects keys under ``vms`` (``vms/a``, ``vms/b/c``), and ``"vms"``
+        selects ``vms`` itself plus keys under it, never ``vmsx``.
+        """
+        self._check_open()
+        validate_prefix(prefix)
+        return sorted(k for k in self._list(prefix) if key_in_prefix(k, prefix))
+
+    # -- conveniences ------------------------------------------------------
+
+    def save_json(self, key: str, obj: Any) -> None:
+        """Save ``obj`` as compact, key-sorted UTF-8 JSON.
+
+        Raises ``TypeError`` / ``ValueError`` if ``obj`` is not serializable.
+        """
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        self.save(key, text.encode("utf-8"))
+
+    def load_json(self, key: str) -> Any:
+        """Load a record written by :meth:`save_json`.
+
+        Raises :class:`~vmfactory.store.errors.RecordFormatError` if the record
+        is intact but does not hold UTF-8 JSON.
+        """
+        raw = self.load(key)
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise RecordFormatError(key, f"not UTF-8 JSON ({exc})") from None
+
+    # -- backend hooks -----------------------------------------------------
+
+    @abstractmethod
+    def _save(self, key: str, value: bytes) -> None:
+        """Durably store ``value`` under the already validated ``key``."""
+
+    @abstractmethod
+    def _load(self, key: str) -> bytes:
+        """Return the payload under ``key`` or raise RecordNotFound/CorruptRecord."""
+
+    @abstractmethod
+    def _delete(self, key: str) -> None:
+        """Delete ``key`` or raise RecordNotFound."""
+
+    @abstractmethod
+    def _list(self, prefix: str) -> list[str]:
+        """Return keys that may match ``prefix`` (a superset is fine; the base
+        filters on part boundaries and sorts)."""
+
+    @abstractmethod
+    def _close(self) -> None:
+        """Release resources; called exactly once."""
