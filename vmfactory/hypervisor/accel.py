@@ -34,14 +34,14 @@ def _cache_key(qemu: str, kernel: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-async def probe_kvm(qemu: str, kernel: Path, initrd: Path, timeout: float) -> bool:
-    """Boot the probe guest under KVM; True if its marker appears within ``timeout``."""
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return False
-    work = Path(tempfile.mkdtemp(prefix="vmf-kvm-probe-"))
+async def probe_guest(accel: Literal["kvm", "tcg"], qemu: str, kernel: Path, initrd: Path,
+                      timeout: float) -> bool:
+    """Boot the probe guest; True if its marker appears within ``timeout``."""
+    work = Path(tempfile.mkdtemp(prefix="vmf-probe-"))
     console = work / "console.log"
     argv = [qemu, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-machine", "q35,accel=kvm", "-cpu", "host", "-m", "256M",
+            "-machine", f"q35,accel={accel}", "-cpu", "host" if accel == "kvm" else "max",
+            "-m", "256M",
             "-kernel", str(kernel), "-initrd", str(initrd),
             "-append", "console=ttyS0 panic=-1 quiet vmfactory.probe=1",
             "-chardev", f"file,id=c,path={console}", "-serial", "chardev:c"]
@@ -81,7 +81,7 @@ async def resolve_accel(accel: Literal["auto", "kvm", "tcg"], qemu: str, kernel:
         pass
     logger.info("probing KVM (a guest must boot within %g s) ...", timeout)
     start = time.monotonic()
-    works = await probe_kvm(qemu, kernel, initrd, timeout)
+    works = await probe_guest("kvm", qemu, kernel, initrd, timeout)
     logger.info("KVM %s (probe took %.1f s); using %s", "works" if works else "is unusable",
                 time.monotonic() - start, "kvm" if works else "tcg")
     cache_dir.mkdir(parents=True, exist_ok=True)
