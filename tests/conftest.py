@@ -41,7 +41,9 @@ def run_root() -> Iterator[Path]:
 def config(run_root: Path) -> Config:
     """The embedded default config, with TCG (KVM is unusable on these hosts) and a
     private run directory."""
-    return load_config(overrides={"paths": {"run_dir": str(run_root)}, "vm": {"accel": "tcg"}})
+    return load_config(overrides={
+        "paths": {"run_dir": str(run_root), "template_dir": str(run_root / "templates")},
+        "vm": {"accel": "tcg"}})
 
 
 @pytest.fixture(scope="session")

@@ -38,10 +38,18 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     image.add_parser("info", help="show the current guest image")
 
+    template = sub.add_parser("template", help="the VM template clones are made from")
+    tsub = template.add_subparsers(dest="template_cmd", required=True)
+    tsub.add_parser("create", help="boot, save and stop the template VM")
+    tsub.add_parser("status", help="show the template and whether it is usable")
+    tsub.add_parser("destroy", help="remove the template's files")
+
     boot = sub.add_parser("boot", help="cold-boot one VM (CreateNew), talk to its agent, "
                                        "print timings, stop it")
     _add_vm_options(boot)
     boot.add_argument("--json", action="store_true", help="print one JSON object")
+    boot.add_argument("--from-template", action="store_true",
+                      help="clone the template (created on first use) instead of booting")
     return p
 
 
@@ -67,10 +75,23 @@ def _image(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _template(config: Config, args: argparse.Namespace) -> int:
+    from vmfactory.factory.template_factory import TemplateFactory
+    from vmfactory.hypervisor.qemu import QemuHypervisor
+
+    factory = TemplateFactory(config, QemuHypervisor(config.paths.run_dir, config.timeouts))
+    if args.template_cmd == "create":
+        asyncio.run(factory.ensure_template())
+    elif args.template_cmd == "destroy":
+        asyncio.run(factory.template.destroy())
+    print(json.dumps(factory.template.status(), indent=2))
+    return 0
+
+
 def _boot(config: Config, args: argparse.Namespace) -> int:
     from vmfactory.demo import boot_once, format_boot
 
-    result = asyncio.run(boot_once(config))
+    result = asyncio.run(boot_once(config, from_template=args.from_template))
     print(json.dumps(result) if args.json else format_boot(result))
     return 0
 
@@ -83,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         config = _config(args)
         if args.command == "image":
             return _image(config, args)
+        if args.command == "template":
+            return _template(config, args)
         return _boot(config, args)
     except ConfigError as exc:
         print(f"vmfactory: {exc}", file=sys.stderr)

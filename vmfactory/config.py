@@ -29,6 +29,7 @@ MAX_MEMORY_MIB = 1 << 20
 class PathsConfig:
     state_dir: Path = Path("/var/lib/vmfactory")
     run_dir: Path = Path("/run/vmfactory")
+    template_dir: Path = Path("/dev/shm/vmfactory/templates")
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class TimeoutsConfig:
     agent_call: float = 10.0
     shutdown: float = 10.0
     kvm_probe: float = 20.0
+    migrate: float = 30.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

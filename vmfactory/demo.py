@@ -6,19 +6,26 @@ import time
 from typing import Any
 
 from vmfactory.config import Config
+from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.direct import DirectFactory
+from vmfactory.factory.template_factory import TemplateFactory
 from vmfactory.factory.spec import image_paths
 from vmfactory.hypervisor.qemu import QemuHypervisor
 from vmfactory.progress import Progress
 
 
-async def boot_once(config: Config) -> dict[str, Any]:
-    """Cold-boot one VM, exercise its agent, stop it; return what was measured."""
-    progress = Progress(4, prefix="boot: ")
+async def boot_once(config: Config, from_template: bool = False) -> dict[str, Any]:
+    """Get one VM (cold boot, or a template clone), exercise its agent, stop it."""
+    progress = Progress(5 if from_template else 4, prefix="boot: ")
     with progress.step("guest image (built on first use)"):
         await image_paths(config, quiet=False)
-    factory = DirectFactory(config, QemuHypervisor(config.paths.run_dir, config.timeouts))
-    with progress.step("cold boot to agent ready"):
+    hypervisor = QemuHypervisor(config.paths.run_dir, config.timeouts)
+    factory: FactoryBase = DirectFactory(config, hypervisor)
+    if from_template:
+        factory = TemplateFactory(config, hypervisor)
+        with progress.step("template (boot + save on first use)"):
+            await factory.ensure_template()
+    with progress.step("clone to agent ready" if from_template else "cold boot to agent ready"):
         vm = await factory.get_vm()
     try:
         with progress.step("agent: info, set time, reseed"):
@@ -51,6 +58,7 @@ def format_boot(r: dict[str, Any]) -> str:
         ("VM", f"{r['vm_id']} ({r['accel']}, {r['cpus']} vCPU, {r['guest_mem_total_mib']} MiB usable)"),
         ("guest kernel", r["kernel"]),
         ("QEMU start (spawn -> QMP)", f"{t['qemu_start_ms']:.0f} ms"),
+        ("restore done (clones only)", f"{t['restore_ms']:.0f} ms"),
         ("kernel (guest uptime at /init)", f"{t['guest_init_s'] * 1000:.0f} ms guest time"),
         ("agent up (guest uptime)", f"{t['guest_agent_ready_s'] * 1000:.0f} ms guest time"),
         ("spawn -> agent ready (host)", f"{t['agent_ready_ms']:.0f} ms"),

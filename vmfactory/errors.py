@@ -59,5 +59,9 @@ class FactoryError(VmFactoryError):
     """The factory could not produce a VM for a request."""
 
 
+class TemplateError(FactoryError):
+    """A template is missing, broken, stale or used in the wrong state."""
+
+
 class StoreError(VmFactoryError):
     """A metadata store operation failed."""

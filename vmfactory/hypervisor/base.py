@@ -41,6 +41,11 @@ class VmSpec:
     rootfs: Path
     accel: Literal["kvm", "tcg"]
     extra_kernel_args: tuple[str, ...] = ()
+    # Templating: guest RAM in a file (shared by a template, mapped private by clones).
+    memory_path: Path | None = None
+    memory_shared: bool = False
+    # Restore device state from this file instead of booting (a template clone).
+    incoming: Path | None = None
 
 
 @dataclass
@@ -48,6 +53,7 @@ class BootTimings:
     """Milliseconds from process spawn, plus the guest's own uptime milestones."""
 
     qemu_start_ms: float = 0.0
+    restore_ms: float = 0.0
     agent_ready_ms: float = 0.0
     guest_init_s: float = 0.0
     guest_agent_ready_s: float = 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import shutil
 import signal
 import time
@@ -33,6 +34,7 @@ T = TypeVar("T")
 
 BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "quiet", "loglevel=3")
 QMP_RETRY_S = 0.005
+MIGRATE_POLL_S = 0.002
 # Memory hot-plug slots reserved in every VM so hot-plug works on clones too.
 MEMORY_SLOTS = 8
 
@@ -41,10 +43,17 @@ def qemu_argv(spec: VmSpec, run_dir: Path, name: str) -> list[str]:
     """The QEMU command line for ``spec``; the device set is the same for every VM."""
     vm = spec.vm
     append = " ".join((*BASE_KERNEL_ARGS, *spec.extra_kernel_args, vm.kernel_args)).strip()
+    machine = f"q35,accel={spec.accel}"
+    memory: list[str] = []
+    if spec.memory_path is not None:
+        share = "on" if spec.memory_shared else "off"
+        memory = ["-object", f"memory-backend-file,id=mem,size={vm.memory_mib}M,"
+                             f"mem-path={spec.memory_path},share={share}"]
+        machine += ",memory-backend=mem"
     argv = [
         vm.qemu, "-name", f"vmfactory-{name}", "-nodefaults", "-no-user-config",
-        "-display", "none", "-no-reboot",
-        "-machine", f"q35,accel={spec.accel}",
+        "-display", "none", "-no-reboot", *memory,
+        "-machine", machine,
         "-cpu", "host" if spec.accel == "kvm" else "max",
         "-smp", f"{vm.cpus},maxcpus={vm.max_cpus}",
         "-m", f"{vm.memory_mib}M,slots={MEMORY_SLOTS},maxmem={vm.max_memory_mib}M",
@@ -60,6 +69,8 @@ def qemu_argv(spec: VmSpec, run_dir: Path, name: str) -> list[str]:
         "-device", "vmgenid,id=vmgen0",
         "-pidfile", str(run_dir / "qemu.pid"),
     ]
+    if spec.incoming is not None:
+        argv += ["-incoming", "defer", "-S"]  # stay paused after the restore: we cont
     return argv
 
 
@@ -99,6 +110,10 @@ class QemuVm(Vm):
             await self._spawn()
             await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
             self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
+            if self.spec.incoming is not None:
+                await self._guarded("restore", self._restore(self.spec.incoming),
+                                    self.timeouts.migrate)
+                self.timings.restore_ms = (time.monotonic() - t0) * 1000
             await self._wait_agent()
             self.timings.agent_ready_ms = (time.monotonic() - t0) * 1000
         except BaseException:
@@ -166,12 +181,22 @@ class QemuVm(Vm):
         if task in done:
             try:
                 return task.result()
+            except HypervisorError as exc:
+                if exc.step == step:
+                    raise
+                raise HypervisorError(step, f"{exc}{self._exit_note()}") from exc
             except (AgentError, QMPError, OSError) as exc:
-                raise HypervisorError(step, str(exc)) from exc
+                raise HypervisorError(step, f"{exc}{self._exit_note()}") from exc
         if exited in done:
             raise HypervisorError(step, f"QEMU exited with code {self._proc.returncode}: "
                                         f"{self._exit_reason()}")
         raise HypervisorError(step, f"timed out after {timeout:g} s")
+
+    def _exit_note(self) -> str:
+        proc = self._proc
+        if proc is None or proc.returncode is None:
+            return ""
+        return f" (QEMU exited with code {proc.returncode}: {self._exit_reason()})"
 
     def _exit_reason(self) -> str:
         return (last_line(self.run_dir / "console.log", "vmfactory-init: FAILED")
@@ -187,6 +212,34 @@ class QemuVm(Vm):
                                           self.timeouts.qmp_command)
         except (QMPError, asyncio.TimeoutError) as exc:
             raise HypervisorError(command, f"QMP {command} failed: {exc!r}") from exc
+
+    async def _migration_done(self, step: str) -> None:
+        while True:
+            status = (await self.qmp("query-migrate")).get("status", "none")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise HypervisorError(step, f"migration {status}: {self._exit_reason()}")
+            await asyncio.sleep(MIGRATE_POLL_S)
+
+    async def _restore(self, state: Path) -> None:
+        if not state.is_file() or state.stat().st_size == 0:
+            raise HypervisorError("restore", f"device state file missing or empty: {state}")
+        await self.qmp("migrate-set-capabilities",
+                       capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        await self.qmp("migrate-incoming", uri=f"exec:cat {shlex.quote(str(state))}")
+        await self._migration_done("restore")
+        await self.qmp("cont")
+
+    async def save_state(self, state: Path) -> None:
+        """Pause and write device state (not RAM: it stays in the memory file) to ``state``."""
+        self._require("save", VmState.RUNNING, VmState.PAUSED)
+        if self.state is VmState.RUNNING:
+            await self.pause()
+        await self.qmp("migrate-set-capabilities",
+                       capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        await self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
+        await asyncio.wait_for(self._migration_done("save"), self.timeouts.migrate)
 
     async def pause(self) -> None:
         self._require("pause", VmState.RUNNING)

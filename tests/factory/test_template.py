@@ -1,0 +1,151 @@
+"""CreateFromTemplate with real QEMU: one template, many clones, broken templates."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import qemu_pids_under
+from vmfactory.config import Config
+from vmfactory.errors import HypervisorError, TemplateError
+from vmfactory.factory.sequence import prepare_vm
+from vmfactory.factory.spec import resolve_spec
+from vmfactory.factory.template import Template, TemplateState
+from vmfactory.guest.image import GuestImage
+from vmfactory.hypervisor.base import VmState
+from vmfactory.hypervisor.qemu import QemuHypervisor
+
+pytestmark = pytest.mark.qemu
+
+CLONES = 20
+
+
+@pytest.fixture(scope="module")
+async def template(config: Config, guest_image: GuestImage) -> AsyncIterator[Template]:
+    hv = QemuHypervisor(config.paths.run_dir, config.timeouts)
+    directory = config.paths.run_dir / "templates" / "t-test"
+    tpl = Template(directory, hv)
+    await tpl.create(await resolve_spec(config))
+    yield tpl
+    await tpl.destroy()
+    assert not directory.exists()
+
+
+async def test_template_is_saved(template: Template) -> None:
+    assert template.state is TemplateState.READY
+    assert template.problem() is None
+    assert template.memory_file.stat().st_size == template.spec.vm.memory_mib << 20
+    assert 0 < template.state_file.stat().st_size < 16 << 20  # device state only, no RAM
+    assert (template.directory.stat().st_mode & 0o777) == 0o700
+    # The template's own QEMU is gone: only files remain.
+    assert not qemu_pids_under(template.directory)
+
+
+async def test_clones_are_distinct_and_current(template: Template) -> None:
+    randoms, generations, boot_ids = set(), set(), set()
+    for _ in range(CLONES):
+        vm = await template.clone()
+        try:
+            assert vm.state is VmState.RUNNING
+            await prepare_vm(vm)
+            info = await vm.agent.info(16)
+            randoms.add(info.random)
+            boot_ids.add(info.boot_id)
+            generations.add((await vm.qmp("query-vm-generation-id"))["guid"])
+            assert abs(info.time_unix_ns - time.time_ns()) < 10**9
+        finally:
+            await vm.stop()
+        assert not vm.run_dir.exists()
+    assert len(randoms) == CLONES
+    assert len(generations) == CLONES
+    assert len(boot_ids) == 1  # clones of one booted kernel, not fresh boots
+    assert template.record["clone_count"] >= CLONES
+
+
+async def _copy(template: Template, directory: Path) -> Template:
+    shutil.copytree(template.directory, directory)
+    return Template(directory, template.hypervisor)
+
+
+async def test_missing_state_file_is_refused(template: Template, tmp_path: Path) -> None:
+    broken = await _copy(template, template.directory.with_name("t-missing"))
+    try:
+        broken.state_file.unlink()
+        with pytest.raises(TemplateError, match="state file is missing"):
+            await broken.clone()
+    finally:
+        await broken.destroy()
+    assert not qemu_pids_under(broken.directory)
+
+
+async def test_truncated_state_file_is_refused(template: Template) -> None:
+    broken = await _copy(template, template.directory.with_name("t-trunc"))
+    try:
+        with broken.state_file.open("r+b") as f:
+            f.truncate(broken.record["state_bytes"] // 2)
+        with pytest.raises(TemplateError, match="truncated"):
+            await broken.clone()
+    finally:
+        await broken.destroy()
+
+
+async def test_truncated_state_fails_the_restore_not_hangs(template: Template,
+                                                           config: Config) -> None:
+    """Past the size check (a record that lies), QEMU itself rejects the state."""
+    broken = await _copy(template, template.directory.with_name("t-lie"))
+    try:
+        with broken.state_file.open("r+b") as f:
+            f.truncate(broken.record["state_bytes"] // 2)
+        spec = dataclasses.replace(broken.spec, memory_path=broken.memory_file,
+                                   incoming=broken.state_file)
+        vm = template.hypervisor.create_vm(spec)
+        start = time.monotonic()
+        with pytest.raises(HypervisorError) as err:
+            await vm.start()
+        assert err.value.step == "restore"
+        assert time.monotonic() - start < config.timeouts.migrate
+        assert vm.pid is None and not vm.run_dir.exists()
+    finally:
+        await broken.destroy()
+
+
+async def test_other_config_is_a_mismatch(template: Template) -> None:
+    other = dataclasses.replace(template.spec, extra_kernel_args=("quiet=0",))
+    assert "extra_kernel_args" in (template.mismatch(other) or "")
+    bigger = dataclasses.replace(template.spec,
+                                 vm=dataclasses.replace(template.spec.vm, max_cpus=8))
+    assert template.mismatch(bigger) == "vm.max_cpus differs from the template's"
+    assert template.mismatch(template.spec) is None
+
+
+async def test_create_twice_is_refused(template: Template) -> None:
+    with pytest.raises(TemplateError, match="ready"):
+        await template.create(template.spec)
+
+
+async def test_template_factory_clones_or_falls_back(config: Config,
+                                                     guest_image: GuestImage) -> None:
+    from vmfactory.factory.template_factory import TemplateFactory
+
+    factory = TemplateFactory(config, QemuHypervisor(config.paths.run_dir, config.timeouts))
+    try:
+        vm = await factory.get_vm()
+        assert vm.spec.incoming is not None  # a clone
+        assert abs((await vm.agent.info(0)).time_unix_ns - time.time_ns()) < 10**9
+        await vm.stop()
+        other = dataclasses.replace(config.vm, kernel_args="vmfactory.test=1")
+        vm = await factory.get_vm(other)
+        assert vm.spec.incoming is None  # booted directly
+        await vm.stop()
+        status = factory.status()
+        assert status["clones"] == 1
+        assert status["fallbacks"] == {"vm.kernel_args differs from the template's": 1}
+        assert status["direct"]["booted"] == 1
+    finally:
+        await factory.close()
+        await factory.template.destroy()

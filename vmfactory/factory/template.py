@@ -1,0 +1,197 @@
+"""CreateFromTemplate: boot one template VM, save it, then clone it.
+
+A template is a directory on tmpfs (mode 0700) holding the guest's RAM
+(``memory``, a file-backed memory backend shared while the template runs), its
+device state (``state``, saved with x-ignore-shared so RAM is not copied) and a
+record (``template.json``) of what it was built from.  A clone is a new QEMU
+with the same devices, the memory file mapped private (copy-on-write), and the
+device state restored: tens of milliseconds instead of a cold boot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import enum
+import json
+import logging
+import shutil
+import subprocess
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from vmfactory.config import VmConfig
+from vmfactory.errors import TemplateError
+from vmfactory.hypervisor.base import VmSpec
+from vmfactory.hypervisor.qemu import QemuHypervisor, QemuVm
+
+logger = logging.getLogger(__name__)
+
+# Time for the guest bridge to see the host leave before the vCPUs stop, so the
+# saved agent is idle in sigtimedwait() (a missed hang-up is recovered anyway).
+QUIESCE_S = 0.2
+STATE_ROOM_MIB = 64
+
+
+class TemplateState(enum.Enum):
+    ABSENT = "absent"
+    CREATING = "creating"
+    READY = "ready"
+    DESTROYED = "destroyed"
+
+
+@lru_cache(maxsize=8)
+def qemu_version(qemu: str) -> str:
+    out = subprocess.run([qemu, "--version"], capture_output=True, text=True, check=False)
+    return (out.stdout.splitlines() or ["unknown"])[0].strip()
+
+
+def spec_record(spec: VmSpec) -> dict[str, Any]:
+    """The parts of a spec a clone must share with its template, as JSON."""
+    return {"vm": dataclasses.asdict(spec.vm), "kernel": str(spec.kernel),
+            "initrd": str(spec.initrd), "rootfs": str(spec.rootfs), "accel": spec.accel,
+            "extra_kernel_args": list(spec.extra_kernel_args)}
+
+
+def spec_from_record(record: dict[str, Any]) -> VmSpec:
+    return VmSpec(vm=VmConfig(**record["vm"]), kernel=Path(record["kernel"]),
+                  initrd=Path(record["initrd"]), rootfs=Path(record["rootfs"]),
+                  accel=record["accel"], extra_kernel_args=tuple(record["extra_kernel_args"]))
+
+
+class Template:
+    """One template directory and its lifecycle."""
+
+    def __init__(self, directory: Path, hypervisor: QemuHypervisor) -> None:
+        self.directory = directory
+        self.hypervisor = hypervisor
+        self.record: dict[str, Any] = {}
+        self.state = TemplateState.ABSENT
+        if self.record_file.exists():
+            self.record = json.loads(self.record_file.read_text())
+            self.state = TemplateState.READY
+
+    @property
+    def memory_file(self) -> Path:
+        return self.directory / "memory"
+
+    @property
+    def state_file(self) -> Path:
+        return self.directory / "state"
+
+    @property
+    def record_file(self) -> Path:
+        return self.directory / "template.json"
+
+    @property
+    def spec(self) -> VmSpec:
+        return spec_from_record(self.record["spec"])
+
+    async def create(self, spec: VmSpec) -> None:
+        """Boot a template VM from ``spec``, save it, stop its QEMU."""
+        if self.state not in (TemplateState.ABSENT, TemplateState.DESTROYED):
+            raise TemplateError(f"template {self.directory.name} is {self.state.value}")
+        self.state = TemplateState.CREATING
+        try:
+            await self._build(spec)
+        except BaseException:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self.state = TemplateState.ABSENT
+            raise
+        self.state = TemplateState.READY
+
+    async def _build(self, spec: VmSpec) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=False)
+        free_mib = shutil.disk_usage(self.directory).free >> 20
+        if free_mib < spec.vm.memory_mib + STATE_ROOM_MIB:
+            raise TemplateError(f"{self.directory}: {free_mib} MiB free, need "
+                                f"{spec.vm.memory_mib + STATE_ROOM_MIB} MiB")
+        t0 = time.monotonic()
+        vm = self.hypervisor.create_vm(dataclasses.replace(
+            spec, memory_path=self.memory_file, memory_shared=True, incoming=None))
+        try:
+            await vm.start()
+            if vm.agent is not None:
+                await vm.agent.close()  # no host connected in the saved guest
+                vm.agent = None
+            await asyncio.sleep(QUIESCE_S)
+            await vm.save_state(self.state_file)
+        finally:
+            await vm.stop()
+        self.record = {"spec": spec_record(spec), "qemu_version": qemu_version(spec.vm.qemu),
+                       "created_at": time.time(), "clone_count": 0,
+                       "state_bytes": self.state_file.stat().st_size,
+                       "memory_bytes": self.memory_file.stat().st_size,
+                       "build_seconds": round(time.monotonic() - t0, 2)}
+        self._write_record()
+        logger.info("template %s ready in %.1f s (state %d KiB)", self.directory.name,
+                    self.record["build_seconds"], self.record["state_bytes"] >> 10)
+
+    def _write_record(self) -> None:
+        tmp = self.record_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record, indent=2))
+        tmp.rename(self.record_file)
+
+    def problem(self) -> str | None:
+        """Why this template cannot be cloned now, or None."""
+        if self.state is not TemplateState.READY:
+            return f"template is {self.state.value}"
+        for path, key in ((self.state_file, "state_bytes"), (self.memory_file, "memory_bytes")):
+            if not path.is_file():
+                return f"{path.name} file is missing"
+            if path.stat().st_size != self.record[key]:
+                return f"{path.name} file is truncated or was replaced"
+        if qemu_version(self.spec.vm.qemu) != self.record["qemu_version"]:
+            return "QEMU was upgraded since the template was saved"
+        for what in ("kernel", "initrd", "rootfs"):
+            if not Path(self.record["spec"][what]).is_file():
+                return f"the template's {what} is gone"
+        return None
+
+    def mismatch(self, spec: VmSpec) -> str | None:
+        """How ``spec`` differs from the template's in a way a clone cannot absorb."""
+        mine, theirs = spec_record(self.spec), spec_record(spec)
+        for key in ("kernel", "initrd", "rootfs", "accel", "extra_kernel_args"):
+            if mine[key] != theirs[key]:
+                return f"{key} differs from the template's"
+        for key, value in mine["vm"].items():
+            if theirs["vm"][key] != value:
+                return f"vm.{key} differs from the template's"
+        return None
+
+    async def clone(self, vm_id: str | None = None) -> QemuVm:
+        """A RUNNING clone whose agent answered."""
+        problem = self.problem()
+        if problem:
+            raise TemplateError(f"template {self.directory.name}: {problem}")
+        spec = dataclasses.replace(self.spec, memory_path=self.memory_file,
+                                   memory_shared=False, incoming=self.state_file)
+        vm = self.hypervisor.create_vm(spec, vm_id)
+        await vm.start()  # stops the VM itself on failure
+        self.record["clone_count"] += 1
+        self._write_record()
+        return vm
+
+    async def destroy(self) -> None:
+        """Remove the template's files; idempotent."""
+        if self.state is TemplateState.CREATING:
+            raise TemplateError(f"template {self.directory.name} is being created")
+        shutil.rmtree(self.directory, ignore_errors=True)
+        for parent in self.directory.parents[:2]:  # e.g. /dev/shm/vmfactory/templates
+            try:
+                parent.rmdir()  # only when empty: other templates stay
+            except OSError:
+                break
+        self.record = {}
+        self.state = TemplateState.DESTROYED
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.directory.name, "state": self.state.value,
+                               "directory": str(self.directory)}
+        if self.record:
+            out.update({k: self.record[k] for k in ("created_at", "clone_count", "state_bytes",
+                                                    "qemu_version", "build_seconds")})
+            out["problem"] = self.problem()
+        return out
