@@ -7,8 +7,11 @@ teardown: it undoes everything ``start()`` set up, in reverse.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import os
 import secrets
+import signal
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -134,14 +137,30 @@ class Vm(ABC):
         """
 
 
+async def kill_process_group(proc: asyncio.subprocess.Process) -> None:
+    """SIGKILL a child started with ``start_new_session=True`` and reap it."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await proc.wait()
+
+
 class Hypervisor(ABC):
-    """Creates VMs of one kind."""
+    """Creates VMs of one kind, each with a run directory under ``run_dir``."""
 
     name: str = "abstract"
+    vm_class: type[Vm]
 
-    @abstractmethod
+    def __init__(self, run_dir: Path, timeouts: TimeoutsConfig) -> None:
+        self.run_dir = run_dir
+        self.timeouts = timeouts
+
     def create_vm(self, spec: VmSpec, vm_id: str | None = None) -> Vm:
         """A new VM in state CREATED; call ``start()`` to boot it."""
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return self.vm_class(spec, self.run_dir, self.timeouts, vm_id)
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name}

@@ -9,18 +9,15 @@ milliseconds; it is never used on the product's path.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from vmfactory.agent import AgentClient
-from vmfactory.config import TimeoutsConfig
 from vmfactory.errors import HypervisorError
-from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec, VmState
+from vmfactory.hypervisor.base import Hypervisor, Vm, VmState, kill_process_group
 
 
 class ProcessVm(Vm):
@@ -85,13 +82,8 @@ class ProcessVm(Vm):
         if self.agent is not None:
             await self.agent.close()
             self.agent = None
-        proc = self._proc
-        if proc is not None and proc.returncode is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            await proc.wait()
+        if self._proc is not None:
+            await kill_process_group(self._proc)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -99,11 +91,4 @@ class ProcessHypervisor(Hypervisor):
     """Creates :class:`ProcessVm` stand-ins (tests only)."""
 
     name = "process-standin"
-
-    def __init__(self, run_dir: Path, timeouts: TimeoutsConfig) -> None:
-        self.run_dir = run_dir
-        self.timeouts = timeouts
-
-    def create_vm(self, spec: VmSpec, vm_id: str | None = None) -> ProcessVm:
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return ProcessVm(spec, self.run_dir, self.timeouts, vm_id)
+    vm_class = ProcessVm

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shlex
 import shutil
-import signal
 import time
 from collections.abc import Awaitable
 from pathlib import Path
@@ -23,10 +21,9 @@ import psutil
 from qemu.qmp import ConnectError, QMPClient, QMPError
 
 from vmfactory.agent import AgentClient
-from vmfactory.config import TimeoutsConfig
 from vmfactory.errors import AgentError, HypervisorError
 from vmfactory.guest.agent import AGENT_PORT_NAME
-from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec, VmState
+from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec, VmState, kill_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -289,23 +286,16 @@ class QemuVm(Vm):
                 await asyncio.wait_for(proc.wait(), grace)
             except asyncio.TimeoutError:
                 logger.warning("vm %s: QEMU did not exit within %g s, killing it", self.id, grace)
-        if proc.returncode is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            await proc.wait()
+        await kill_process_group(proc)
 
 
 class QemuHypervisor(Hypervisor):
     """Creates :class:`QemuVm` instances under ``run_dir``."""
 
     name = "qemu"
-
-    def __init__(self, run_dir: Path, timeouts: TimeoutsConfig) -> None:
-        self.run_dir = run_dir
-        self.timeouts = timeouts
+    vm_class = QemuVm
 
     def create_vm(self, spec: VmSpec, vm_id: str | None = None) -> QemuVm:
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        return QemuVm(spec, self.run_dir, self.timeouts, vm_id)
+        vm = super().create_vm(spec, vm_id)
+        assert isinstance(vm, QemuVm)
+        return vm
