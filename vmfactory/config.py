@@ -78,6 +78,22 @@ class TimeoutsConfig:
 
 
 @dataclass(frozen=True)
+class TemplateConfig:
+    """Template naming and rotation (clones share the template's ASLR/KASLR
+    layout; rebuilding bounds how long one layout lives)."""
+
+    name: str = "default"
+    max_age_s: float = 3600.0   # 0: no age limit
+    max_clones: int = 1000      # 0: no clone limit
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError("template.name", f"{self.name!r}: use letters, digits, - and _")
+        _check_range("template.max_age_s", self.max_age_s, 0, 365 * 86400)
+        _check_range("template.max_clones", self.max_clones, 0, 10**9)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole vmfactory configuration."""
 
@@ -85,6 +101,7 @@ class Config:
     image: ImageConfig = field(default_factory=ImageConfig)
     vm: VmConfig = field(default_factory=VmConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
 
 
 def _check_range(key: str, value: float, lo: float, hi: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
 import time
@@ -149,3 +150,61 @@ async def test_template_factory_clones_or_falls_back(config: Config,
     finally:
         await factory.close()
         await factory.template.destroy()
+
+
+async def test_rotation_swaps_generations_without_failing_requests(
+        config: Config, guest_image: GuestImage) -> None:
+    from vmfactory.factory.template_factory import TemplateFactory
+
+    rotating = dataclasses.replace(config, template=dataclasses.replace(config.template,
+                                                                        name="rot", max_clones=2))
+    factory = TemplateFactory(rotating, QemuHypervisor(config.paths.run_dir, config.timeouts))
+    await factory.start()
+    try:
+        first = await factory.ensure_template()
+        assert first.directory.is_mount()  # a tmpfs of its own, sized to the guest
+        for _ in range(2):
+            vm = await factory.get_vm()
+            await vm.stop()
+        assert factory.needs_rotation() == "2 clones"
+        # The rebuild runs in the background; requests meanwhile still get clones.
+        vm = await factory.get_vm()
+        await vm.stop()
+        for _ in range(600):
+            if factory.rotations:
+                break
+            await asyncio.sleep(0.1)
+        assert factory.rotations == 1
+        assert factory.template is not first and not first.directory.exists()
+        assert factory.template.record["clone_count"] == 0
+        vm = await factory.get_vm()
+        await vm.stop()
+        assert factory.status()["clones"] == 4 and factory.status()["fallbacks"] == {}
+        # A new factory adopts the newest generation instead of building one.
+        again = TemplateFactory(rotating, factory.hypervisor)
+        assert again.template.directory == factory.template.directory
+    finally:
+        await factory.close()
+        await factory.template.destroy()
+    assert not list(config.paths.template_dir.glob("rot.*"))
+
+
+async def test_bigger_request_is_hot_plugged(template: Template) -> None:
+    vm = await template.clone()
+    try:
+        want = dataclasses.replace(template.spec.vm, cpus=2,
+                                   memory_mib=template.spec.vm.memory_mib + 256)
+        assert template.mismatch(dataclasses.replace(template.spec, vm=want)) is None
+        before = await vm.agent.info(0)
+        steps = await prepare_vm(vm, want)
+        assert "hot-plug" in steps
+        after = await vm.agent.info(0)
+        assert (before.cpus_online, after.cpus_online) == (1, 2)
+        assert after.mem_total_kib - before.mem_total_kib >= 240 * 1024
+        assert (vm.cpus, vm.memory_mib) == (2, want.memory_mib)
+        # A smaller request never shrinks the VM.
+        smaller = dataclasses.replace(want, cpus=1, memory_mib=want.memory_mib - 128)
+        assert "hot-plug" not in await prepare_vm(vm, smaller)
+        assert (vm.cpus, vm.memory_mib) == (2, want.memory_mib)
+    finally:
+        await vm.stop()

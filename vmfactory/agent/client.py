@@ -100,5 +100,10 @@ class AgentClient:
         request = pb.ReseedRequest(entropy=data, credit_bits=8 * len(data))
         return await self._call("reseed", self._stub.Reseed, request)
 
+    async def online_resources(self) -> pb.OnlineResourcesReply:
+        """Online hot-plugged CPUs and memory in the guest; report the totals."""
+        return await self._call("online-resources", self._stub.OnlineResources,
+                                pb.OnlineResourcesRequest())
+
     async def close(self) -> None:
         await self._channel.close()

@@ -8,20 +8,23 @@ the step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 
+from vmfactory.config import VmConfig
 from vmfactory.errors import FactoryError, VmFactoryError
 from vmfactory.hypervisor.base import Vm, VmState
 
 logger = logging.getLogger(__name__)
 
 RESEED_BYTES = 64
+ONLINE_POLL_S = 0.05
 
 
-async def prepare_vm(vm: Vm) -> dict[str, float]:
-    """Run the sequence on ``vm``; return each step's duration in ms."""
+async def prepare_vm(vm: Vm, want: VmConfig | None = None) -> dict[str, float]:
+    """Run the sequence on ``vm`` (grown to ``want`` if given); return step durations in ms."""
     steps: dict[str, float] = {}
     step = "resume"
     try:
@@ -41,7 +44,36 @@ async def prepare_vm(vm: Vm) -> dict[str, float]:
         t = time.monotonic()
         await vm.agent.set_time()
         steps[step] = (time.monotonic() - t) * 1000
+        if want is not None and (want.cpus > vm.cpus or want.memory_mib > vm.memory_mib):
+            step = "hot-plug"
+            t = time.monotonic()
+            await _grow(vm, want)
+            steps[step] = (time.monotonic() - t) * 1000
     except (VmFactoryError, OSError) as exc:
         await vm.stop()
         raise FactoryError(f"get-vm step {step} failed for vm {vm.id}: {exc}") from exc
     return steps
+
+
+async def _grow(vm: Vm, want: VmConfig) -> None:
+    """Hot-plug up to ``want`` and wait until the guest has onlined it all."""
+    assert vm.agent is not None
+    await vm.hotplug(max(want.cpus, vm.cpus), max(want.memory_mib, vm.memory_mib))
+    # ACPI delivers the new devices asynchronously: poll until the guest sees them.
+    deadline = time.monotonic() + vm.timeouts.agent_call
+    while True:
+        reply = await vm.agent.online_resources()
+        if reply.cpus_online >= vm.cpus and reply.mem_total_kib >= _expected_kib(vm):
+            return
+        if time.monotonic() > deadline:
+            raise FactoryError(f"guest sees {reply.cpus_online} vCPUs and "
+                               f"{reply.mem_total_kib >> 10} MiB after hot-plug to "
+                               f"{vm.cpus} vCPUs / {vm.memory_mib} MiB")
+        await asyncio.sleep(ONLINE_POLL_S)
+
+
+def _expected_kib(vm: Vm) -> int:
+    """MemTotal the guest should reach: what it had at boot plus what was plugged,
+    less the ~1.6% the kernel keeps for the new memory's page structures."""
+    plugged_kib = (vm.memory_mib - vm.spec.vm.memory_mib) * 1024
+    return vm.boot_mem_total_kib + int(plugged_kib * 0.95)

@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import json
 import logging
+import os
 import shutil
 import subprocess
 import time
@@ -33,6 +34,30 @@ logger = logging.getLogger(__name__)
 # saved agent is idle in sigtimedwait() (a missed hang-up is recovered anyway).
 QUIESCE_S = 0.2
 STATE_ROOM_MIB = 64
+RESIZABLE = frozenset({"cpus", "memory_mib"})
+
+
+def _mount_tmpfs(directory: Path, size_mib: int) -> None:
+    """Give the template a tmpfs of its own, sized to guest memory plus device state.
+
+    Only root can mount; otherwise the directory stays on whatever holds it
+    (/dev/shm by default), with the free-space check in ``_build`` as the bound.
+    """
+    if os.geteuid() != 0:
+        return
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o",
+                           f"size={size_mib}m,mode=0700,nosuid,nodev,noexec",
+                           "vmfactory-template", str(directory)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise TemplateError(f"mount tmpfs on {directory}: {proc.stderr.strip()}")
+
+
+def _remove_template_dir(directory: Path) -> None:
+    """Unmount (lazily: running clones keep their mappings) and remove."""
+    if os.path.ismount(directory):
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True, check=False)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 class TemplateState(enum.Enum):
@@ -97,13 +122,14 @@ class Template:
         try:
             await self._build(spec)
         except BaseException:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            _remove_template_dir(self.directory)
             self.state = TemplateState.ABSENT
             raise
         self.state = TemplateState.READY
 
     async def _build(self, spec: VmSpec) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=False)
+        _mount_tmpfs(self.directory, spec.vm.memory_mib + STATE_ROOM_MIB)
         free_mib = shutil.disk_usage(self.directory).free >> 20
         if free_mib < spec.vm.memory_mib + STATE_ROOM_MIB:
             raise TemplateError(f"{self.directory}: {free_mib} MiB free, need "
@@ -151,13 +177,19 @@ class Template:
         return None
 
     def mismatch(self, spec: VmSpec) -> str | None:
-        """How ``spec`` differs from the template's in a way a clone cannot absorb."""
+        """How ``spec`` differs from the template's in a way a clone cannot absorb.
+
+        ``vm.cpus`` and ``vm.memory_mib`` are ignored: a clone is grown to a
+        larger request by hot-plug, and a smaller request gets the template's
+        size (never less than asked).  Everything else shapes the QEMU command
+        line or the guest, which a clone inherits and cannot change.
+        """
         mine, theirs = spec_record(self.spec), spec_record(spec)
         for key in ("kernel", "initrd", "rootfs", "accel", "extra_kernel_args"):
             if mine[key] != theirs[key]:
                 return f"{key} differs from the template's"
         for key, value in mine["vm"].items():
-            if theirs["vm"][key] != value:
+            if key not in RESIZABLE and theirs["vm"][key] != value:
                 return f"vm.{key} differs from the template's"
         return None
 
@@ -176,9 +208,13 @@ class Template:
 
     async def destroy(self) -> None:
         """Remove the template's files; idempotent."""
+        self.remove()
+
+    def remove(self) -> None:
+        """:meth:`destroy` for callers outside the event loop."""
         if self.state is TemplateState.CREATING:
             raise TemplateError(f"template {self.directory.name} is being created")
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _remove_template_dir(self.directory)
         for parent in self.directory.parents[:2]:  # e.g. /dev/shm/vmfactory/templates
             try:
                 parent.rmdir()  # only when empty: other templates stay

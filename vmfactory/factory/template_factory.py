@@ -1,32 +1,38 @@
-"""The template base of the factory: clone when the request fits, else CreateNew."""
+"""The template base of the factory: clone when the request fits, else CreateNew.
+
+Templates rotate: after ``template.max_age_s`` or ``template.max_clones`` a new
+generation is built in the background while requests keep cloning the current
+one; then the two are swapped and the old one removed (its running clones keep
+their memory mappings).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from typing import Any
 
 from vmfactory.config import Config, VmConfig
+from vmfactory.errors import VmFactoryError
 from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.direct import DirectFactory
 from vmfactory.factory.sequence import prepare_vm
 from vmfactory.factory.template import Template, TemplateState
 from vmfactory.hypervisor.base import Vm
 from vmfactory.hypervisor.qemu import QemuHypervisor
+from vmfactory.tasks import TaskOwner
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "default"
-
 
 class TemplateFactory(FactoryBase):
-    """Clones one template built from the config's [vm]; other requests boot directly.
+    """Clones the current template generation; other requests boot directly.
 
-    A request is cloned only if its VM config equals the template's: every field
-    of ``VmConfig`` takes part (cpus, memory, limits, accelerator, QEMU, kernel
-    arguments), as do the image paths.  Until hot-plug lands, a request for more
-    cpus or memory than the template has also falls back.  Each fallback is
+    A request is cloned if its VM config matches the template's in everything
+    but cpus and memory (see :meth:`Template.mismatch`); a clone is then grown by
+    hot-plug to what was asked.  Any other difference falls back to CreateNew,
     logged with its reason and counted in ``status()``.
     """
 
@@ -35,11 +41,32 @@ class TemplateFactory(FactoryBase):
     def __init__(self, config: Config, hypervisor: QemuHypervisor,
                  direct: DirectFactory | None = None) -> None:
         self.config = config
+        self.hypervisor = hypervisor
         self.direct = direct or DirectFactory(config, hypervisor)
-        self.template = Template(config.paths.template_dir / DEFAULT_TEMPLATE, hypervisor)
+        self.template = self._adopt_newest()
         self._create_lock = asyncio.Lock()
+        self._tasks = TaskOwner("template-factory")
         self.clones = 0
+        self.rotations = 0
         self.fallbacks: Counter[str] = Counter()
+
+    def _adopt_newest(self) -> Template:
+        """The newest saved generation of the configured template; older ones are removed."""
+        root, name = self.config.paths.template_dir, self.config.template.name
+        found = sorted(root.glob(f"{name}.*")) if root.is_dir() else []
+        ready = [Template(d, self.hypervisor) for d in found]
+        ready = [t for t in ready if t.state is TemplateState.READY]
+        for stale in ready[:-1]:
+            logger.info("removing older template generation %s", stale.directory.name)
+            stale.remove()
+        return ready[-1] if ready else self._new_generation()
+
+    def _new_generation(self) -> Template:
+        directory = self.config.paths.template_dir / f"{self.config.template.name}.{time.time_ns()}"
+        return Template(directory, self.hypervisor)
+
+    async def start(self) -> None:
+        await self._tasks.start()
 
     async def ensure_template(self) -> Template:
         async with self._create_lock:
@@ -47,8 +74,21 @@ class TemplateFactory(FactoryBase):
                 logger.warning("template unusable (%s): rebuilding", self.template.problem())
                 await self.template.destroy()
             if self.template.state is not TemplateState.READY:
+                self.template = self._new_generation()
                 await self.template.create(await self.direct.spec_for(self.config.vm))
         return self.template
+
+    def needs_rotation(self) -> str | None:
+        """Why the current template should be replaced, or None."""
+        record, limits = self.template.record, self.config.template
+        if not record:
+            return None
+        if limits.max_clones and record["clone_count"] >= limits.max_clones:
+            return f"{record['clone_count']} clones"
+        age = time.time() - record["created_at"]
+        if limits.max_age_s and age >= limits.max_age_s:
+            return f"{age:.0f} s old"
+        return None
 
     async def get_vm(self, config: VmConfig | None = None) -> Vm:
         spec = await self.direct.spec_for(config or self.config.vm)
@@ -61,12 +101,39 @@ class TemplateFactory(FactoryBase):
         else:
             vm = await template.clone()
             self.clones += 1
-        await prepare_vm(vm)
+            self._maybe_rotate()
+        await prepare_vm(vm, spec.vm)
         return vm
 
+    def _maybe_rotate(self) -> None:
+        why = self.needs_rotation()
+        if why and not self._tasks.running("rotate"):
+            logger.info("rotating template %s (%s)", self.template.directory.name, why)
+            self._tasks.spawn(self._rotate(), "rotate")
+
+    async def _rotate(self) -> None:
+        """Build the next generation beside the current one, then swap."""
+        fresh = self._new_generation()
+        try:
+            await fresh.create(await self.direct.spec_for(self.config.vm))
+        except VmFactoryError as exc:
+            logger.error("template rotation failed, keeping the current one: %s", exc)
+            return
+        async with self._create_lock:
+            old, self.template = self.template, fresh
+        self.rotations += 1
+        await old.destroy()
+
+    async def rotate_now(self) -> None:
+        """Rotate immediately and wait for it (CLI and tests)."""
+        await self._rotate()
+
     def status(self) -> dict[str, Any]:
-        return {"base": self.name, "clones": self.clones, "fallbacks": dict(self.fallbacks),
+        return {"base": self.name, "clones": self.clones, "rotations": self.rotations,
+                "rotation_due": self.needs_rotation(), "fallbacks": dict(self.fallbacks),
                 "template": self.template.status(), "direct": self.direct.status()}
 
     async def close(self) -> None:
+        await self._tasks.close()
         await self.direct.close()
+

@@ -21,7 +21,7 @@ import psutil
 
 from vmfactory.agent import AgentClient
 from vmfactory.config import TimeoutsConfig, VmConfig
-from vmfactory.errors import VmStateError
+from vmfactory.errors import HypervisorError, VmStateError
 
 
 class VmState(enum.Enum):
@@ -96,6 +96,10 @@ class Vm(ABC):
         self.state = VmState.CREATED
         self.timings = BootTimings()
         self.agent: AgentClient | None = None
+        # Current size: starts as the spec's, grows with hot-plug.
+        self.cpus = spec.vm.cpus
+        self.memory_mib = spec.vm.memory_mib
+        self.boot_mem_total_kib = 0  # the guest's MemTotal when its agent first answered
 
     def _require(self, operation: str, *allowed: VmState) -> None:
         if self.state not in allowed:
@@ -127,6 +131,10 @@ class Vm(ABC):
     @abstractmethod
     async def resume(self) -> None:
         """Restart the vCPUs (PAUSED -> RUNNING)."""
+
+    async def hotplug(self, cpus: int, memory_mib: int) -> None:
+        """Grow the VM to ``cpus`` vCPUs and ``memory_mib`` MiB (never shrinks)."""
+        raise HypervisorError("hot-plug", f"{type(self).__name__} cannot hot-plug")
 
     @abstractmethod
     async def stop(self) -> None:

@@ -32,6 +32,7 @@ T = TypeVar("T")
 BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "quiet", "loglevel=3")
 QMP_RETRY_S = 0.005
 MIGRATE_POLL_S = 0.002
+MEMORY_BLOCK_MIB = 128
 # Memory hot-plug slots reserved in every VM so hot-plug works on clones too.
 MEMORY_SLOTS = 8
 
@@ -159,6 +160,7 @@ class QemuVm(Vm):
         timeout = self.timeouts.agent_ready
         await self._guarded("agent-ready", self.agent.wait_ready(timeout), timeout + 1)
         info = await self._guarded("agent-ready", self.agent.info(0), self.timeouts.agent_call)
+        self.boot_mem_total_kib = info.mem_total_kib
         self.timings.guest_init_s = info.boot.init_start_s
         self.timings.guest_agent_ready_s = info.boot.agent_ready_s
 
@@ -237,6 +239,35 @@ class QemuVm(Vm):
                        capabilities=[{"capability": "x-ignore-shared", "state": True}])
         await self.qmp("migrate", uri=f"exec:cat > {shlex.quote(str(state))}")
         await asyncio.wait_for(self._migration_done("save"), self.timeouts.migrate)
+
+    async def hotplug(self, cpus: int, memory_mib: int) -> None:
+        self._require("hot-plug", VmState.RUNNING, VmState.PAUSED)
+        vm = self.spec.vm
+        if cpus > vm.max_cpus or memory_mib > vm.max_memory_mib:
+            raise HypervisorError("hot-plug", f"{cpus} vCPUs / {memory_mib} MiB exceeds the "
+                                              f"VM's maximum {vm.max_cpus} / {vm.max_memory_mib}")
+        if cpus > self.cpus:
+            await self._plug_cpus(cpus - self.cpus)
+        if memory_mib > self.memory_mib:
+            await self._plug_memory(memory_mib - self.memory_mib)
+
+    async def _plug_cpus(self, count: int) -> None:
+        slots = [s for s in await self.qmp("query-hotpluggable-cpus") if "qom-path" not in s]
+        if len(slots) < count:
+            raise HypervisorError("hot-plug", f"only {len(slots)} free vCPU slots, need {count}")
+        for slot in sorted(slots, key=lambda s: sorted(s["props"].items()))[:count]:
+            await self.qmp("device_add", driver=slot["type"], id=f"cpu{self.cpus}",
+                           **slot["props"])
+            self.cpus += 1
+
+    async def _plug_memory(self, mib: int) -> None:
+        # The guest onlines memory in 128 MiB blocks: a smaller DIMM would be wasted.
+        size = -(-mib // MEMORY_BLOCK_MIB) * MEMORY_BLOCK_MIB
+        index = self.memory_mib
+        await self.qmp("object-add", **{"qom-type": "memory-backend-ram", "id": f"hpmem{index}",
+                                        "size": size << 20})
+        await self.qmp("device_add", driver="pc-dimm", id=f"dimm{index}", memdev=f"hpmem{index}")
+        self.memory_mib += size
 
     async def pause(self) -> None:
         self._require("pause", VmState.RUNNING)

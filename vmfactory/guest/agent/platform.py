@@ -63,6 +63,24 @@ def cpus_online() -> int:
     return count
 
 
+def online_all(pattern: str, attribute: str, offline: str, online: str) -> int:
+    """Write ``online`` to every ``<pattern>/<attribute>`` that reads ``offline``."""
+    import glob
+
+    count = 0
+    for path in sorted(glob.glob(f"{pattern}/{attribute}")):
+        try:
+            with open(path) as f:
+                if f.read().strip() != offline:
+                    continue
+            with open(path, "w") as f:
+                f.write(online)
+            count += 1
+        except OSError:
+            continue  # e.g. a memory block the kernel refuses: counted by the caller
+    return count
+
+
 class Platform(ABC):
     """The host/guest-specific operations of the agent."""
 
@@ -79,6 +97,13 @@ class Platform(ABC):
     @abstractmethod
     def reseed(self, entropy: bytes, credit_bits: int) -> ReseedResult:
         """Mix ``entropy`` into the RNG and force a reseed."""
+
+    def online_resources(self) -> tuple[int, int]:
+        """Online hot-plugged CPUs and memory; return (cpus, memory blocks) onlined."""
+        cpus = online_all("/sys/devices/system/cpu/cpu[0-9]*", "online", "0", "1")
+        blocks = online_all("/sys/devices/system/memory/memory[0-9]*", "state", "offline",
+                            "online")
+        return cpus, blocks
 
 
 class GuestPlatform(Platform):
@@ -118,6 +143,9 @@ class HostStandInPlatform(Platform):
 
     def set_time(self, unix_ns: int) -> None:
         self._offset_ns = unix_ns - time.time_ns()
+
+    def online_resources(self) -> tuple[int, int]:
+        return 0, 0  # never touch the host's CPUs or memory
 
     def reseed(self, entropy: bytes, credit_bits: int) -> ReseedResult:
         # Writing to /dev/urandom mixes bytes in without crediting or reseeding.

@@ -76,3 +76,12 @@ class AgentService(pb_grpc.AgentServicer):
         logger.info("reseeded RNG with %d host bytes", n)
         return pb.ReseedReply(added=result.added, reseeded=result.reseeded,
                               entropy_avail=result.entropy_avail)
+
+    async def OnlineResources(self, request: pb.OnlineResourcesRequest,
+                              context: grpc.aio.ServicerContext) -> pb.OnlineResourcesReply:
+        cpus, blocks = self._platform.online_resources()
+        if cpus or blocks:
+            logger.info("onlined %d CPUs and %d memory blocks", cpus, blocks)
+        return pb.OnlineResourcesReply(cpus_online=cpus_online(),
+                                       mem_total_kib=read_meminfo().get("MemTotal", 0),
+                                       cpus_onlined=cpus, memory_blocks_onlined=blocks)
