@@ -516,7 +516,7 @@ def main() -> int:
         result = asyncio.run(run(config, args.n, args.clones, args.sizes))
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
         progress(f"{PREFIX} interrupted ({type(exc).__name__}): VMs stopped, cleaning up")
-        return 130
+        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
     finally:
         leftovers = kill_leftovers(run_dir)
         if leftovers:

@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     image.add_parser("info", help="show the current guest image")
 
+    sub.add_parser("init", help="run the factory daemon in the foreground")
+    status = sub.add_parser("status", help="pools and VMs of the running daemon")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    destroy = sub.add_parser("destroy", help="stop the running daemon cleanly")
+    destroy.add_argument("--timeout", type=float, default=60.0, help="seconds to wait")
+
     template = sub.add_parser("template", help="the VM template clones are made from")
     tsub = template.add_subparsers(dest="template_cmd", required=True)
     tsub.add_parser("create", help="boot, save and stop the template VM")
@@ -88,6 +94,54 @@ def _template(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _init(config: Config, args: argparse.Namespace) -> int:
+    from vmfactory.server.run import serve
+
+    logging.getLogger("vmfactory").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    asyncio.run(serve(config))
+    return 0
+
+
+async def _client_call(config: Config, what: str, timeout: float = 10.0) -> Any:
+    from runtime_client.errors import ClientError
+    from runtime_client.factory_client import FactoryClient
+
+    async with FactoryClient(str(config.daemon.socket), timeout=timeout) as client:
+        try:
+            if what == "status":
+                return await client.status()
+            await client.quit()
+        except ClientError as exc:
+            raise VmFactoryError(f"daemon at {config.daemon.socket}: {exc}") from exc
+        return None
+
+
+def _status(config: Config, args: argparse.Namespace) -> int:
+    from google.protobuf.json_format import MessageToDict
+
+    from vmfactory.demo import format_status
+
+    reply = asyncio.run(_client_call(config, "status"))
+    if args.json:
+        print(json.dumps(MessageToDict(reply, always_print_fields_with_no_presence=True)))
+    else:
+        print(format_status(reply))
+    return 0
+
+
+def _destroy(config: Config, args: argparse.Namespace) -> int:
+    import time
+
+    asyncio.run(_client_call(config, "quit"))
+    deadline = time.monotonic() + args.timeout
+    while config.daemon.socket.exists():
+        if time.monotonic() > deadline:
+            raise VmFactoryError(f"daemon did not stop within {args.timeout:g} s")
+        time.sleep(0.1)
+    print("daemon stopped")
+    return 0
+
+
 def _boot(config: Config, args: argparse.Namespace) -> int:
     from vmfactory.demo import boot_once, format_boot
 
@@ -106,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             return _image(config, args)
         if args.command == "template":
             return _template(config, args)
+        handler = {"init": _init, "status": _status, "destroy": _destroy}.get(args.command)
+        if handler is not None:
+            return handler(config, args)
         return _boot(config, args)
     except ConfigError as exc:
         print(f"vmfactory: {exc}", file=sys.stderr)

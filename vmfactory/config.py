@@ -25,6 +25,11 @@ MAX_CPUS = 64
 MAX_MEMORY_MIB = 1 << 20
 
 
+def _check_range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(key, f"{value!r} is out of range [{lo}, {hi}]")
+
+
 @dataclass(frozen=True)
 class PathsConfig:
     state_dir: Path = Path("/var/lib/vmfactory")
@@ -93,6 +98,71 @@ class TemplateConfig:
         _check_range("template.max_clones", self.max_clones, 0, 10**9)
 
 
+Base = Literal["template", "direct"]
+EmptyPolicy = Literal["wait", "fallback"]
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One warm pool: VMs of one size from one base, paused until handed out."""
+
+    name: str = "default"
+    cpus: int = 1
+    memory_mib: int = 256
+    base: Base = "template"
+    min_size: int = 2
+    max_size: int = 4
+    # Keep pooled VMs running (no resume at handout; costs idle CPU).
+    keep_running: bool = False
+    # An empty pool makes the caller wait (up to its deadline) or boots/clones directly.
+    empty: EmptyPolicy = "wait"
+
+    def __post_init__(self) -> None:
+        _check_range(f"pools.{self.name}.min_size", self.min_size, 0, 1000)
+        _check_range(f"pools.{self.name}.max_size", self.max_size, max(1, self.min_size), 1000)
+        _check_range(f"pools.{self.name}.cpus", self.cpus, 1, MAX_CPUS)
+        _check_range(f"pools.{self.name}.memory_mib", self.memory_mib, MIN_MEMORY_MIB,
+                     MAX_MEMORY_MIB)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The factory daemon (``vmfactory init``)."""
+
+    socket: Path = Path("/run/vmfactory/factory.sock")
+    socket_mode: str = "0600"
+    socket_group: str = ""
+    # Optional loopback TCP listener, e.g. "127.0.0.1:7788"; "" for none.
+    tcp: str = ""
+    grace_s: float = 10.0
+    refill_concurrency: int = 2
+    # Refills pause while the host's available memory is under this.
+    mem_floor_mib: int = 1024
+    # How often pooled VMs are checked for a dead QEMU.
+    health_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        try:
+            mode = int(self.socket_mode, 8)
+        except ValueError:
+            raise ConfigError("daemon.socket_mode", f"{self.socket_mode!r} is not octal") from None
+        _check_range("daemon.socket_mode", mode, 0o600, 0o666)
+        host, _, port = self.tcp.rpartition(":")
+        if self.tcp and (host not in ("127.0.0.1", "localhost", "[::1]") or not port.isdigit()):
+            raise ConfigError("daemon.tcp", f"{self.tcp!r}: only a loopback HOST:PORT is allowed")
+        _check_range("daemon.grace_s", self.grace_s, 0, 600)
+        _check_range("daemon.refill_concurrency", self.refill_concurrency, 1, 64)
+        _check_range("daemon.mem_floor_mib", self.mem_floor_mib, 0, MAX_MEMORY_MIB)
+        _check_range("daemon.health_interval_s", self.health_interval_s, 0.05, 3600)
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where records that must survive a crash live (file:///... or leveldb:///...)."""
+
+    url: str = "file:///var/lib/vmfactory/store"
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole vmfactory configuration."""
@@ -102,11 +172,17 @@ class Config:
     vm: VmConfig = field(default_factory=VmConfig)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    pools: tuple[PoolConfig, ...] = (PoolConfig(),)
 
-
-def _check_range(key: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
-        raise ConfigError(key, f"{value!r} is out of range [{lo}, {hi}]")
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.pools]
+        if len(set(names)) != len(names):
+            raise ConfigError("pools", f"pool names must be unique, got {names}")
+        for p in self.pools:
+            if p.cpus > self.vm.max_cpus or p.memory_mib > self.vm.max_memory_mib:
+                raise ConfigError(f"pools.{p.name}", "larger than vm.max_cpus/max_memory_mib")
 
 
 def _convert(key: str, value: Any, hint: Any) -> Any:
@@ -141,6 +217,12 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = build(hint, value, f"{prefix}{name}.")
+        elif typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
+            if not isinstance(value, list):
+                raise ConfigError(prefix + name, "expected an array of tables")
+            kwargs[name] = tuple(build(item, v, f"{prefix}{name}[{i}].")
+                                 for i, v in enumerate(value))
         else:
             kwargs[name] = _convert(prefix + name, value, hint)
     try:
@@ -179,3 +261,25 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     if overrides:
         data = _merge(data, overrides)
     return build(Config, data)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def to_toml(config: Config) -> str:
+    """The effective configuration as TOML (what the Config RPC returns)."""
+    lines: list[str] = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        tables = value if isinstance(value, tuple) else (value,)
+        for table in tables:
+            lines.append(f"[[{f.name}]]" if isinstance(value, tuple) else f"[{f.name}]")
+            for sub in dataclasses.fields(table):
+                lines.append(f"{sub.name} = {_toml_value(getattr(table, sub.name))}")
+            lines.append("")
+    return "\n".join(lines)

@@ -70,3 +70,22 @@ def format_boot(r: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def format_status(reply: Any) -> str:
+    """The daemon's Status reply as two tables: pools, then VMs."""
+    lines = [f"daemon pid {reply.pid}, up {reply.uptime_s:.0f} s, version {reply.version}", ""]
+    pools = [("POOL", "BASE", "READY", "MIN", "MAX", "REFILLING", "HANDOUTS", "MISSES",
+              "REPLACED")]
+    pools += [(p.name, p.base, p.ready, p.min_size, p.max_size, p.refilling, p.handouts,
+               p.misses, p.replaced) for p in reply.pools]
+    vms = [("VM", "PID", "STATE", "POOL", "LEASE", "CPUS", "MEM MiB", "CPU%", "PSS MiB", "AGE s",
+            "SOURCE")]
+    vms += [(v.vm_id, v.pid, v.state, v.pool or "-", v.lease_id or "-", v.cpus, v.memory_mib,
+             f"{v.cpu_percent:.1f}", f"{v.pss_mib:.0f}", f"{v.age_s:.0f}", v.source)
+            for v in reply.vms]
+    for rows in (pools, vms):
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.append("")
+    return "\n".join(lines).rstrip()

@@ -63,5 +63,13 @@ class TemplateError(FactoryError):
     """A template is missing, broken, stale or used in the wrong state."""
 
 
+class InvalidRequest(VmFactoryError):
+    """A request's values are malformed or out of range (the caller's fault)."""
+
+
+class DaemonError(VmFactoryError):
+    """The daemon cannot start, or is shutting down."""
+
+
 class StoreError(VmFactoryError):
     """A metadata store operation failed."""

@@ -31,7 +31,7 @@ def agent_files() -> list[Path]:
     files = [_PACKAGE_ROOT / "__init__.py", _PACKAGE_ROOT / "guest" / "__init__.py"]
     files += sorted((_PACKAGE_ROOT / "guest" / "agent").glob("*.py"))
     proto = _PACKAGE_ROOT / "proto"
-    files += [proto / "__init__.py", *sorted(proto.glob("*_pb2*.py"))]
+    files += [proto / "__init__.py", *sorted(proto.glob("agent_pb2*.py"))]
     if not any(f.name.endswith("_pb2.py") for f in files):
         raise ImageError("agent: generated protobuf modules missing (run python -m vmfactory.proto.gen)")
     return files

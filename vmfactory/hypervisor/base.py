@@ -12,6 +12,7 @@ import enum
 import os
 import secrets
 import signal
+import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,6 +101,7 @@ class Vm(ABC):
         self.cpus = spec.vm.cpus
         self.memory_mib = spec.vm.memory_mib
         self.boot_mem_total_kib = 0  # the guest's MemTotal when its agent first answered
+        self.created_at = time.monotonic()
 
     def _require(self, operation: str, *allowed: VmState) -> None:
         if self.state not in allowed:

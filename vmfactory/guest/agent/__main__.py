@@ -1,8 +1,9 @@
 """Agent entry point: ``python -m vmfactory.guest.agent``.
 
-Inside a VM (the default) it serves on a private unix socket and bridges the
-``vmfactory.agent`` virtio-serial port to it.  ``--listen unix:PATH
---standin`` runs it as a host process instead (tests only).
+Inside a VM (the default) it serves on a private unix socket, and a forked
+bridge process relays the ``vmfactory.agent`` virtio-serial port to it: a
+process, not a thread, so relaying never waits for the server's GIL.
+``--listen unix:PATH --standin`` runs it as a host process instead (tests only).
 """
 
 from __future__ import annotations
@@ -18,21 +19,18 @@ import asyncio  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
-
-import grpc  # noqa: E402
+import time  # noqa: E402
 
 from vmfactory.guest.agent import AGENT_PORT_NAME  # noqa: E402
 from vmfactory.guest.agent.bridge import PortBridge, find_port  # noqa: E402
 from vmfactory.guest.agent.platform import (  # noqa: E402
     GuestPlatform, HostStandInPlatform, Platform, read_uptime,
 )
-from vmfactory.guest.agent.service import AgentService  # noqa: E402
-from vmfactory.proto import agent_pb2 as pb  # noqa: E402
-from vmfactory.proto import agent_pb2_grpc as pb_grpc  # noqa: E402
 
 logger = logging.getLogger("vmfactory.guest.agent")
 
 GUEST_LOCAL_SOCKET = "/run/vmfactory-agent.sock"
+SOCKET_WAIT_S = 0.01
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -44,7 +42,33 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def serve(args: argparse.Namespace, agent_start: float) -> None:
+def _bridge_child(port: str) -> None:
+    """The forked bridge: wait for the server's socket, then relay forever."""
+    try:
+        while not os.path.exists(GUEST_LOCAL_SOCKET):
+            time.sleep(SOCKET_WAIT_S)  # only during agent start-up
+        PortBridge(port, GUEST_LOCAL_SOCKET).run()
+    except BaseException as exc:  # noqa: BLE001 - the process must not return
+        logger.error("bridge failed: %r", exc)
+    finally:
+        os._exit(1)
+
+
+async def _watch_bridge(pid: int) -> None:
+    """A dead bridge makes the agent unreachable: exit, so the failure is visible."""
+    loop = asyncio.get_running_loop()
+    _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
+    logger.error("bridge process exited (status %d): agent exiting", status)
+    os._exit(1)
+
+
+async def serve(args: argparse.Namespace, agent_start: float, bridge_pid: int | None) -> None:
+    import grpc
+
+    from vmfactory.guest.agent.service import AgentService
+    from vmfactory.proto import agent_pb2 as pb
+    from vmfactory.proto import agent_pb2_grpc as pb_grpc
+
     platform: Platform = HostStandInPlatform() if args.standin else GuestPlatform()
     boot = pb.BootTimings(init_start_s=float(os.environ.get("VMF_INIT_UPTIME", "0")),
                           agent_start_s=agent_start)
@@ -54,18 +78,26 @@ async def serve(args: argparse.Namespace, agent_start: float) -> None:
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"agent: cannot listen on {address}")
     await server.start()
-    if not args.listen:
-        PortBridge(find_port(args.port_name), GUEST_LOCAL_SOCKET).start()
     boot.agent_ready_s = read_uptime()
     logger.info("agent ready on %s (%s), uptime %.2fs", address, platform.name, boot.agent_ready_s)
-    await server.wait_for_termination()
+    if bridge_pid is None:
+        await server.wait_for_termination()
+    else:
+        await asyncio.gather(server.wait_for_termination(), _watch_bridge(bridge_pid))
 
 
 def main(argv: list[str] | None = None) -> int:
     agent_start = read_uptime()
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="vmfactory-agent: %(message)s")
-    asyncio.run(serve(args, agent_start))
+    bridge_pid = None
+    if not args.listen:
+        port = find_port(args.port_name)
+        # Fork before grpc is imported: the child never touches grpc state.
+        bridge_pid = os.fork()
+        if bridge_pid == 0:
+            _bridge_child(port)
+    asyncio.run(serve(args, agent_start, bridge_pid))
     return 0
 
 

@@ -1,0 +1,1 @@
+"""What a container runtime embeds: a client of the vmfactory daemon (more to come)."""

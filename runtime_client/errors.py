@@ -1,0 +1,42 @@
+"""The runtime client's errors, mapped back from the daemon's gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ClientError(Exception):
+    """Base of every error the runtime client raises on purpose."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidRequest(ClientError):
+    """The daemon rejected the request's values (INVALID_ARGUMENT)."""
+
+
+class NotFound(ClientError):
+    """No such lease or VM (NOT_FOUND)."""
+
+
+class NoVmInTime(ClientError):
+    """No VM became ready before the deadline (DEADLINE_EXCEEDED)."""
+
+
+class DaemonUnavailable(ClientError):
+    """No daemon answers, or it is shutting down (UNAVAILABLE)."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.DEADLINE_EXCEEDED: NoVmInTime,
+    grpc.StatusCode.UNAVAILABLE: DaemonUnavailable,
+}
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> ClientError:
+    cls = _BY_CODE.get(exc.code(), ClientError)
+    return cls(f"{exc.code().name}: {exc.details()}", exc.code())

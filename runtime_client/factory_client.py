@@ -1,0 +1,67 @@
+"""Async gRPC client of the vmfactory daemon (the Factory service)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from runtime_client.errors import from_rpc_error
+from vmfactory.proto import factory_pb2 as pb
+from vmfactory.proto import factory_pb2_grpc as pb_grpc
+
+DEFAULT_SOCKET = "/run/vmfactory/factory.sock"
+
+
+class FactoryClient:
+    """One channel to the daemon; methods raise runtime_client.errors types."""
+
+    def __init__(self, socket: str = DEFAULT_SOCKET, timeout: float = 60.0) -> None:
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(f"unix:{socket}")
+        self._stub = pb_grpc.FactoryStub(self._channel)
+
+    async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return await method(request, timeout=timeout or self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def get_vm(self, cpus: int = 0, memory_mib: int = 0, *, base: str = "",
+                     image: str = "", lease_ttl_s: float = 0.0, client: str = "",
+                     timeout: float | None = None) -> pb.VMHandle:
+        """A leased, ready VM; ``timeout`` is also how long an empty pool may make us wait."""
+        request = pb.GetVMRequest(
+            config=pb.VMConfig(cpus=cpus, memory_mib=memory_mib, base=base, image=image),
+            lease_ttl_s=lease_ttl_s, client=client)
+        return await self._call(self._stub.GetVM, request, timeout)
+
+    async def release(self, lease_id: str) -> None:
+        await self._call(self._stub.ReleaseVM, pb.ReleaseVMRequest(lease_id=lease_id))
+
+    async def status(self) -> pb.StatusReply:
+        return await self._call(self._stub.Status, pb.StatusRequest())
+
+    async def config(self) -> str:
+        return (await self._call(self._stub.Config, pb.ConfigRequest())).toml
+
+    async def quit(self) -> None:
+        await self._call(self._stub.Quit, pb.QuitRequest())
+
+    async def watch(self) -> AsyncIterator[pb.PoolEvent]:
+        call = self._stub.Watch(pb.WatchRequest())
+        try:
+            async for event in call:
+                yield event
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> FactoryClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -1,0 +1,112 @@
+"""A real daemon process on a real unix socket, with a small template pool."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import qemu_pids_under
+from vmfactory.guest.image import GuestImage
+
+POOL_READY_TIMEOUT_S = 180.0
+
+
+@dataclass
+class DaemonProc:
+    root: Path
+    config: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "factory.sock"
+
+    def log(self) -> str:
+        return (self.root / "daemon.log").read_text(errors="replace")
+
+
+def write_config(root: Path, extra: str = "", min_size: int = 2, max_size: int = 3) -> Path:
+    path = root / "vmfactory.toml"
+    path.write_text(f"""
+[paths]
+run_dir = "{root / 'run'}"
+template_dir = "{root / 'templates'}"
+[vm]
+accel = "tcg"
+[daemon]
+socket = "{root / 'factory.sock'}"
+health_interval_s = 0.2
+[store]
+url = "file://{root / 'store'}"
+[[pools]]
+name = "small"
+min_size = {min_size}
+max_size = {max_size}
+{extra}
+""")
+    return path
+
+
+def start_daemon(root: Path, config: Path) -> DaemonProc:
+    log = open(root / "daemon.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vmfactory.cli", "--config", str(config),
+                             "init"], stdout=log, stderr=subprocess.STDOUT)
+    d = DaemonProc(root, config, proc)
+    deadline = time.monotonic() + 30
+    while not d.socket.is_socket():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"daemon did not start:\n{d.log()}")
+        time.sleep(0.05)
+    return d
+
+
+def assert_clean(root: Path) -> None:
+    """Nothing the daemon made may outlive it."""
+    assert not qemu_pids_under(root), "QEMU processes left behind"
+    assert not (root / "factory.sock").exists()
+    run = root / "run"
+    assert not run.exists() or not list(run.iterdir()), list(run.iterdir())
+    templates = root / "templates"
+    assert not templates.exists() or not list(templates.iterdir())
+    with open("/proc/mounts") as f:
+        assert str(root) not in f.read()
+
+
+def stop_daemon(d: DaemonProc, sig: int = signal.SIGTERM) -> int:
+    if d.proc.poll() is None:
+        d.proc.send_signal(sig)
+    try:
+        return d.proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        d.proc.kill()
+        raise
+
+
+@pytest.fixture(scope="module")
+def daemon(guest_image: GuestImage) -> Iterator[DaemonProc]:
+    root = Path(tempfile.mkdtemp(prefix="vmfd-", dir="/tmp"))
+    d = start_daemon(root, write_config(root))
+    try:
+        yield d
+    finally:
+        code = stop_daemon(d)
+        log = d.log()
+        try:
+            assert code == 0, log
+            assert_clean(root)
+        finally:
+            for pid in qemu_pids_under(root):
+                os.kill(pid, signal.SIGKILL)
+            subprocess.run(["umount", "-l", *[str(p) for p in (root / "templates").glob("*")]],
+                           capture_output=True, check=False)
+            shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,73 @@
+"""Leases: every handed-out VM has one, until it is released or its TTL ends."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from vmfactory.errors import VmFactoryError
+from vmfactory.hypervisor.base import Vm
+from vmfactory.store import Store
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseNotFound(VmFactoryError):
+    """No lease with that id (never issued, already released or reclaimed)."""
+
+
+@dataclass
+class Lease:
+    id: str
+    vm: Vm
+    pool: str
+    source: str
+    client: str
+    ttl_s: float
+    created: float = field(default_factory=time.time)
+
+    @property
+    def expires(self) -> float | None:
+        return self.created + self.ttl_s if self.ttl_s > 0 else None
+
+    def record(self) -> dict[str, object]:
+        vm = self.vm
+        return {"lease_id": self.id, "vm_id": vm.id, "pid": vm.pid, "pool": self.pool,
+                "source": self.source, "client": self.client, "ttl_s": self.ttl_s,
+                "created": self.created, "run_dir": str(vm.run_dir),
+                "cpus": vm.cpus, "memory_mib": vm.memory_mib}
+
+
+class LeaseTable:
+    """Leases in memory, each mirrored to the store under ``leases/<id>``."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._leases: dict[str, Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def values(self) -> list[Lease]:
+        return list(self._leases.values())
+
+    def add(self, vm: Vm, pool: str, source: str, client: str, ttl_s: float) -> Lease:
+        lease = Lease(secrets.token_hex(8), vm, pool, source, client, ttl_s)
+        self._leases[lease.id] = lease
+        self._store.save_json(f"leases/{lease.id}", lease.record())
+        return lease
+
+    def pop(self, lease_id: str) -> Lease:
+        try:
+            lease = self._leases.pop(lease_id)
+        except KeyError:
+            raise LeaseNotFound(f"no lease {lease_id!r}") from None
+        self._store.delete(f"leases/{lease.id}")
+        return lease
+
+    def expired(self, now: float | None = None) -> list[Lease]:
+        now = time.time() if now is None else now
+        return [lease for lease in self._leases.values()
+                if lease.expires is not None and lease.expires <= now]

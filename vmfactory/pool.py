@@ -1,0 +1,221 @@
+"""A warm pool of VMs of one configuration (CreateFromCache).
+
+Pooled VMs are made by a base (template clone or cold boot), warmed (their
+agent has answered), and paused so they cost no CPU while they wait.  A
+handout resumes one, checks that its agent answers (a dead VM is replaced,
+never handed out), runs the get-VM sequence and triggers a refill.  Refills run
+in the background, bounded by a shared semaphore, and pause while the host's
+available memory is under the configured floor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import deque
+
+import psutil
+
+from vmfactory.config import PoolConfig, VmConfig
+from vmfactory.errors import FactoryError, VmFactoryError
+from vmfactory.events import EventBus, PoolEvent
+from vmfactory.factory.base import FactoryBase
+from vmfactory.factory.sequence import prepare_vm
+from vmfactory.hypervisor.base import Vm, VmState
+from vmfactory.tasks import TaskOwner
+
+logger = logging.getLogger(__name__)
+
+MEMORY_RECHECK_S = 1.0
+REFILL_BACKOFF_S = (0.5, 30.0)
+
+
+class PoolState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    CLOSED = "closed"
+
+
+class PoolEmpty(FactoryError):
+    """No VM became ready before the caller's deadline."""
+
+
+class Pool:
+    """Keeps ``min_size`` ready VMs of ``config`` (never more than ``max_size`` alive)."""
+
+    def __init__(self, config: PoolConfig, vm_config: VmConfig, base: FactoryBase,
+                 events: EventBus, refill_slots: asyncio.Semaphore, mem_floor_mib: int,
+                 health_interval_s: float) -> None:
+        self.config = config
+        self.vm_config = vm_config
+        self.base = base
+        self.events = events
+        self._slots = refill_slots
+        self._mem_floor_mib = mem_floor_mib
+        self._health_interval_s = health_interval_s
+        self.ready: deque[Vm] = deque()
+        self.refilling = 0
+        self.handouts = self.misses = self.replaced = self.failures = 0
+        self.state = PoolState.CREATED
+        self._changed = asyncio.Condition()
+        self._kick_event = asyncio.Event()
+        self._tasks = TaskOwner(f"pool-{config.name}")
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def _emit(self, kind: str, vm_id: str = "", detail: str = "") -> None:
+        self.events.publish(PoolEvent(self.name, kind, vm_id, detail))
+
+    async def start(self) -> None:
+        if self.state is not PoolState.CREATED:
+            raise FactoryError(f"pool {self.name} is {self.state.value}")
+        self.state = PoolState.RUNNING
+        await self._tasks.start()
+        self._tasks.spawn(self._refill_loop(), "refill")
+        self._tasks.spawn(self._health_loop(), "health")
+
+    # -- handout -----------------------------------------------------------
+    async def get(self, deadline: float) -> tuple[Vm, str]:
+        """A ready VM and where it came from (``pool``, or the base's on a miss)."""
+        while True:
+            if self.state is not PoolState.RUNNING:
+                raise FactoryError(f"pool {self.name} is {self.state.value}")
+            vm = self.ready.popleft() if self.ready else None
+            if vm is None:
+                vm, source = await self._miss(deadline)
+                if source != "pool":
+                    return vm, source
+            self._kick()
+            try:
+                await self._activate(vm)
+            except (VmFactoryError, OSError) as exc:
+                await self._replace(vm, f"failed at handout: {exc}")
+                continue
+            self.handouts += 1
+            self._emit("handout", vm.id)
+            return vm, "pool"
+
+    async def _miss(self, deadline: float) -> tuple[Vm, str]:
+        self.misses += 1
+        self._emit("miss")
+        if self.config.empty == "fallback":
+            vm = await self.base.get_vm(self.vm_config)
+            return vm, "clone" if vm.spec.incoming is not None else "boot"
+        async with self._changed:
+            while not self.ready:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.state is not PoolState.RUNNING:
+                    raise PoolEmpty(f"pool {self.name} had no ready VM before the deadline")
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except asyncio.TimeoutError:
+                    continue
+            return self.ready.popleft(), "pool"
+
+    async def _activate(self, vm: Vm) -> None:
+        if vm.pid is None:
+            raise FactoryError(f"vm {vm.id} has no process")
+        await prepare_vm(vm)  # resumes, reseeds (the agent answering), sets the clock
+
+    async def _replace(self, vm: Vm, why: str) -> None:
+        self.replaced += 1
+        self._emit("replaced", vm.id, why)
+        logger.warning("pool %s: replacing vm %s (%s)", self.name, vm.id, why)
+        await vm.stop()
+        self._kick()
+
+    # -- refill ------------------------------------------------------------
+    def _kick(self) -> None:
+        """Wake the refill loop: the pool may be short."""
+        self._kick_event.set()
+
+    def _deficit(self) -> int:
+        want = self.config.min_size - len(self.ready) - self.refilling
+        room = self.config.max_size - len(self.ready) - self.refilling
+        return max(0, min(want, room))
+
+    async def _refill_loop(self) -> None:
+        backoff = REFILL_BACKOFF_S[0]
+        while True:
+            while self._deficit() > 0:
+                if not self._memory_ok():
+                    await asyncio.sleep(MEMORY_RECHECK_S)
+                    continue
+                self.refilling += 1
+                self._tasks.spawn(self._refill_one(), "refill-one")
+            self._kick_event.clear()
+            if self.failures:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, REFILL_BACKOFF_S[1])
+                self.failures = 0
+            else:
+                backoff = REFILL_BACKOFF_S[0]
+                await self._kick_event.wait()
+
+    def _memory_ok(self) -> bool:
+        available = psutil.virtual_memory().available >> 20
+        if available >= self._mem_floor_mib:
+            return True
+        self._emit("refill-paused", detail=f"{available} MiB available < floor "
+                                           f"{self._mem_floor_mib} MiB")
+        return False
+
+    async def _refill_one(self) -> None:
+        try:
+            async with self._slots:
+                vm = await self.base.get_vm(self.vm_config)
+            try:
+                if not self.config.keep_running:
+                    await vm.pause()
+            except BaseException:
+                await vm.stop()
+                raise
+        except VmFactoryError as exc:
+            self.failures += 1
+            self._emit("refill-failed", detail=str(exc))
+            logger.error("pool %s: refill failed: %s", self.name, exc)
+            return
+        finally:
+            self.refilling -= 1
+            self._kick()
+        if self.state is not PoolState.RUNNING:
+            await vm.stop()
+            return
+        async with self._changed:
+            self.ready.append(vm)
+            self._changed.notify()
+        self._emit("ready", vm.id)
+
+    # -- health ------------------------------------------------------------
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._health_interval_s)
+            for vm in list(self.ready):
+                if vm.pid is None or vm.state not in (VmState.RUNNING, VmState.PAUSED):
+                    try:
+                        self.ready.remove(vm)
+                    except ValueError:
+                        continue  # handed out meanwhile; the handout checks it
+                    await self._replace(vm, "QEMU process is gone")
+
+    # -- lifecycle ---------------------------------------------------------
+    def status(self) -> dict[str, object]:
+        return {"name": self.name, "base": self.config.base, "min_size": self.config.min_size,
+                "max_size": self.config.max_size, "ready": len(self.ready),
+                "refilling": self.refilling, "handouts": self.handouts, "misses": self.misses,
+                "replaced": self.replaced, "keep_running": self.config.keep_running}
+
+    async def close(self) -> None:
+        """Stop refilling and stop every pooled VM; idempotent."""
+        if self.state is PoolState.CLOSED:
+            return
+        self.state = PoolState.CLOSED
+        async with self._changed:
+            self._changed.notify_all()
+        await self._tasks.close()
+        while self.ready:
+            await self.ready.popleft().stop()

@@ -1,0 +1,1 @@
+"""Transport adapters over the daemon core: thin, convert and delegate."""
