@@ -510,13 +510,13 @@ def main() -> int:
 
     run_dir = Path(tempfile.mkdtemp(prefix="vmf-bench-", dir="/tmp"))
     shm_dir = Path(tempfile.mkdtemp(prefix="vmfactory-bench-", dir="/dev/shm"))
+    interrupted: BaseException | None = None
     try:
         config = load_config(args.config, overrides={"paths": {
             "run_dir": str(run_dir), "template_dir": str(shm_dir / "templates")}})
         result = asyncio.run(run(config, args.n, args.clones, args.sizes))
-    except (KeyboardInterrupt, asyncio.CancelledError) as exc:
-        progress(f"{PREFIX} interrupted ({type(exc).__name__}): VMs stopped, cleaning up")
-        return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
+    except (KeyboardInterrupt, asyncio.CancelledError) as exc:  # Ctrl-C, SIGTERM
+        interrupted = exc
     finally:
         leftovers = kill_leftovers(run_dir)
         if leftovers:
@@ -524,6 +524,10 @@ def main() -> int:
         shutil.rmtree(run_dir, ignore_errors=True)
         unmount_under(shm_dir)
         shutil.rmtree(shm_dir, ignore_errors=True)
+    if interrupted is not None:
+        progress(f"{PREFIX} interrupted ({type(interrupted).__name__}): every VM stopped, "
+                 f"run and template directories removed; no results saved")
+        return 130 if isinstance(interrupted, KeyboardInterrupt) else 128 + signal.SIGTERM
 
     save_json("template", result)
     plot(result, RESULTS / "template.png")

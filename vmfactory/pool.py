@@ -169,6 +169,9 @@ class Pool:
             async with self._slots:
                 vm = await self.base.get_vm(self.vm_config)
             try:
+                # Run the handout path once now, so its guest code is already in
+                # TCG's translation cache when the handout comes.
+                await prepare_vm(vm)
                 if not self.config.keep_running:
                     await vm.pause()
             except BaseException:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
@@ -125,3 +126,40 @@ async def test_stop_removes_everything(config: Config, guest_image: GuestImage) 
     assert not psutil.pid_exists(pid)
     with pytest.raises(VmStateError):
         await machine.resume()
+
+
+async def test_control_channel_activates(vm: QemuVm) -> None:
+    assert vm.control is not None
+    assert await vm.control.ping() < 5.0
+    target = time.time_ns() + 7200 * 10**9
+    assert await vm.control.activate(os.urandom(64), target) is True
+    info = await vm.agent.info(0)
+    assert abs(info.time_unix_ns - target) < 5 * 10**9
+    assert await vm.control.activate(os.urandom(64)) is True
+    assert abs((await vm.agent.info(0)).time_unix_ns - time.time_ns()) < 2 * 10**9
+
+
+async def test_control_channel_skips_garbage_and_serves_a_new_host(vm: QemuVm) -> None:
+    """A new connection that starts with junk (a stale half-frame) still gets answers."""
+    from vmfactory.guest.agent import ctlproto
+
+    assert vm.control is not None
+    await vm.control.close()
+    reader, writer = await asyncio.open_unix_connection(str(vm.run_dir / "ctl.sock"))
+    try:
+        writer.write(b"VMFCT" + b"\x00garbage" * 10 + ctlproto.encode(42, ctlproto.OP_PING, b"hi"))
+        buf = bytearray()
+        while (frame := ctlproto.decode(buf)) is None:
+            buf += await asyncio.wait_for(reader.read(4096), 10)
+        assert frame == (42, ctlproto.STATUS_OK, b"hi")
+        writer.write(ctlproto.encode(43, 99))
+        while (frame := ctlproto.decode(buf)) is None:
+            buf += await asyncio.wait_for(reader.read(4096), 10)
+        assert frame[:2] == (43, ctlproto.STATUS_ERROR) and b"unknown op" in frame[2]
+    finally:
+        writer.close()
+    from vmfactory.agent.control import ControlClient
+
+    vm.control = ControlClient(str(vm.run_dir / "ctl.sock"), 10)
+    await vm.control.connect()
+    await vm.control.ping(timeout=10)

@@ -139,9 +139,7 @@ class Template:
             spec, memory_path=self.memory_file, memory_shared=True, incoming=None))
         try:
             await vm.start()
-            if vm.agent is not None:
-                await vm.agent.close()  # no host connected in the saved guest
-                vm.agent = None
+            await vm.disconnect_agent()  # no host connected in the saved guest
             await asyncio.sleep(QUIESCE_S)
             await vm.save_state(self.state_file)
         finally:

@@ -21,6 +21,7 @@ from typing import Literal
 import psutil
 
 from vmfactory.agent import AgentClient
+from vmfactory.agent.control import ControlClient
 from vmfactory.config import TimeoutsConfig, VmConfig
 from vmfactory.errors import HypervisorError, VmStateError
 
@@ -97,6 +98,7 @@ class Vm(ABC):
         self.state = VmState.CREATED
         self.timings = BootTimings()
         self.agent: AgentClient | None = None
+        self.control: ControlClient | None = None
         # Current size: starts as the spec's, grows with hot-plug.
         self.cpus = spec.vm.cpus
         self.memory_mib = spec.vm.memory_mib
@@ -106,6 +108,15 @@ class Vm(ABC):
     def _require(self, operation: str, *allowed: VmState) -> None:
         if self.state not in allowed:
             raise VmStateError(operation, self.state.value)
+
+    async def disconnect_agent(self) -> None:
+        """Close the host's agent connections (gRPC and control); idempotent."""
+        if self.agent is not None:
+            agent, self.agent = self.agent, None
+            await agent.close()
+        if self.control is not None:
+            control, self.control = self.control, None
+            await control.close()
 
     @property
     def agent_socket(self) -> Path:

@@ -79,9 +79,7 @@ class ProcessVm(Vm):
             self.state = VmState.STOPPED
 
     async def _teardown(self) -> None:
-        if self.agent is not None:
-            await self.agent.close()
-            self.agent = None
+        await self.disconnect_agent()
         if self._proc is not None:
             await kill_process_group(self._proc)
         shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -21,8 +21,10 @@ import psutil
 from qemu.qmp import ConnectError, QMPClient, QMPError
 
 from vmfactory.agent import AgentClient
+from vmfactory.agent.control import ControlClient
 from vmfactory.errors import AgentError, HypervisorError
 from vmfactory.guest.agent import AGENT_PORT_NAME
+from vmfactory.guest.agent.ctlproto import CONTROL_PORT_NAME
 from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec, VmState, kill_process_group
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,8 @@ def qemu_argv(spec: VmSpec, run_dir: Path, name: str) -> list[str]:
         "-device", "virtio-serial-pci,id=vser0",
         "-chardev", f"socket,id=agent,path={run_dir / 'agent.sock'},server=on,wait=off",
         "-device", f"virtserialport,chardev=agent,name={AGENT_PORT_NAME}",
+        "-chardev", f"socket,id=ctl,path={run_dir / 'ctl.sock'},server=on,wait=off",
+        "-device", f"virtserialport,chardev=ctl,name={CONTROL_PORT_NAME}",
         "-device", "vmgenid,id=vmgen0",
         "-pidfile", str(run_dir / "qemu.pid"),
     ]
@@ -161,8 +165,19 @@ class QemuVm(Vm):
         await self._guarded("agent-ready", self.agent.wait_ready(timeout), timeout + 1)
         info = await self._guarded("agent-ready", self.agent.info(0), self.timeouts.agent_call)
         self.boot_mem_total_kib = info.mem_total_kib
+        await self._guarded("agent-ready", self._connect_control(), self.timeouts.agent_call)
         self.timings.guest_init_s = info.boot.init_start_s
         self.timings.guest_agent_ready_s = info.boot.agent_ready_s
+
+    async def _connect_control(self) -> None:
+        control = ControlClient(str(self.run_dir / "ctl.sock"), self.timeouts.agent_call)
+        await control.connect()
+        try:
+            await control.ping()  # also puts the hot path in TCG's translation cache
+        except BaseException:
+            await control.close()
+            raise
+        self.control = control
 
     async def _guarded(self, step: str, work: Awaitable[T], timeout: float) -> T:
         """Run ``work`` unless QEMU exits first or ``timeout`` passes."""
@@ -291,9 +306,7 @@ class QemuVm(Vm):
 
     async def _teardown(self, graceful: bool = False) -> None:
         """Agent channel, QMP, process, run directory: undone in reverse order of setup."""
-        if self.agent is not None:
-            await self.agent.close()
-            self.agent = None
+        await self.disconnect_agent()
         if graceful and self._qmp is not None and self._proc and self._proc.returncode is None:
             try:
                 await asyncio.wait_for(self._qmp.execute("quit"), self.timeouts.qmp_command)

@@ -23,6 +23,7 @@ import time  # noqa: E402
 
 from vmfactory.guest.agent import AGENT_PORT_NAME  # noqa: E402
 from vmfactory.guest.agent.bridge import PortBridge, find_port  # noqa: E402
+from vmfactory.guest.agent.ctlproto import CONTROL_PORT_NAME  # noqa: E402
 from vmfactory.guest.agent.platform import (  # noqa: E402
     GuestPlatform, HostStandInPlatform, Platform, read_uptime,
 )
@@ -42,6 +43,18 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _control_child(port: str) -> None:
+    """The forked control-channel server (see ctlproto)."""
+    from vmfactory.guest.agent.control import ControlServer
+
+    try:
+        ControlServer(port).run()
+    except BaseException as exc:  # noqa: BLE001 - the process must not return
+        logger.error("control channel failed: %r", exc)
+    finally:
+        os._exit(1)
+
+
 def _bridge_child(port: str) -> None:
     """The forked bridge: wait for the server's socket, then relay forever."""
     try:
@@ -54,15 +67,16 @@ def _bridge_child(port: str) -> None:
         os._exit(1)
 
 
-async def _watch_bridge(pid: int) -> None:
-    """A dead bridge makes the agent unreachable: exit, so the failure is visible."""
+async def _watch_children(pids: list[int]) -> None:
+    """A dead bridge or control loop makes the agent unreachable: exit, so the
+    failure is visible (PID 1 exiting ends the VM)."""
     loop = asyncio.get_running_loop()
-    _, status = await loop.run_in_executor(None, os.waitpid, pid, 0)
-    logger.error("bridge process exited (status %d): agent exiting", status)
+    pid, status = await loop.run_in_executor(None, os.wait)
+    logger.error("agent child %d exited (status %d): agent exiting", pid, status)
     os._exit(1)
 
 
-async def serve(args: argparse.Namespace, agent_start: float, bridge_pid: int | None) -> None:
+async def serve(args: argparse.Namespace, agent_start: float, children: list[int]) -> None:
     import grpc
 
     from vmfactory.guest.agent.service import AgentService
@@ -80,24 +94,27 @@ async def serve(args: argparse.Namespace, agent_start: float, bridge_pid: int | 
     await server.start()
     boot.agent_ready_s = read_uptime()
     logger.info("agent ready on %s (%s), uptime %.2fs", address, platform.name, boot.agent_ready_s)
-    if bridge_pid is None:
+    if not children:
         await server.wait_for_termination()
     else:
-        await asyncio.gather(server.wait_for_termination(), _watch_bridge(bridge_pid))
+        await asyncio.gather(server.wait_for_termination(), _watch_children(children))
 
 
 def main(argv: list[str] | None = None) -> int:
     agent_start = read_uptime()
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="vmfactory-agent: %(message)s")
-    bridge_pid = None
+    children: list[int] = []
     if not args.listen:
-        port = find_port(args.port_name)
-        # Fork before grpc is imported: the child never touches grpc state.
-        bridge_pid = os.fork()
-        if bridge_pid == 0:
-            _bridge_child(port)
-    asyncio.run(serve(args, agent_start, bridge_pid))
+        # Fork before grpc is imported: the children never touch grpc state.
+        for port_name, child in ((args.port_name, _bridge_child),
+                                 (CONTROL_PORT_NAME, _control_child)):
+            port = find_port(port_name)
+            pid = os.fork()
+            if pid == 0:
+                child(port)
+            children.append(pid)
+    asyncio.run(serve(args, agent_start, children))
     return 0
 
 
