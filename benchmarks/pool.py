@@ -21,7 +21,7 @@ processes naming the directory, entries in its run/, mounts under it) as leaked.
 Progress goes to stderr; a table (or one JSON object with --json) to stdout;
 benchmarks/results/pool.json and pool.png are saved.
 
-    python benchmarks/pool.py [--json] [--quick] [--cycles 1000]
+    python benchmarks/pool.py [--json] [--quick] [--cycles 1000] [--log-dir DIR]
 """
 
 from __future__ import annotations
@@ -84,6 +84,9 @@ SWEEP_HOLD_MEAN_S = 2.0
 SWEEP_HOLD_MAX_S = 10.0
 SWEEP_MAX_INFLIGHT = 24
 SWEEP_CLIENTS = 8
+
+# --log-dir: where each daemon's log is copied before its directory is removed.
+LOG_DIR: Path | None = None
 
 
 class MemoryLow(Exception):
@@ -220,16 +223,33 @@ empty = "{empty}"
             return ""
 
     def log_findings(self) -> dict[str, Any]:
-        """WARNING/ERROR lines and tracebacks in the daemon's log."""
+        """WARNING/ERROR lines, tracebacks, gRPC core messages and slow VM starts in the log."""
         lines = self.log().splitlines()
         warnings = [ln for ln in lines if ln.startswith("WARNING")]
         errors = [ln for ln in lines if ln.startswith(("ERROR", "CRITICAL"))]
         tracebacks = sum(ln.startswith("Traceback") for ln in lines)
+        grpc_core = [ln for ln in lines if re.match(r"[IWEF]\d{4} ", ln)]
         kinds = Counter(re.sub(r"[0-9a-f]{8,}|\d+(\.\d+)?", "#", ln)[:160]
                         for ln in warnings + errors)
+        # "vm X running (pid P, agent ready in N ms)"; a line followed by "template ... ready"
+        # is the template's own cold boot, not a clone.
+        starts = []
+        for i, ln in enumerate(lines):
+            m = re.search(r"vm (\w+) running \(pid \d+, agent ready in (\d+) ms\)", ln)
+            if m:
+                template = i + 1 < len(lines) and "factory.template: template" in lines[i + 1]
+                starts.append({"vm": m.group(1), "agent_ready_ms": int(m.group(2)),
+                               "template_boot": template})
+        others = [s["agent_ready_ms"] for s in starts if not s["template_boot"]]
         return {"warnings": len(warnings), "errors": len(errors), "tracebacks": tracebacks,
                 "kinds": dict(kinds.most_common(8)),
-                "samples": (errors + warnings)[:6]}
+                "samples": (errors + warnings)[:6],
+                "grpc_core": len(grpc_core), "grpc_core_samples": grpc_core[:4],
+                "vm_starts": len(others),
+                "vm_start_ms_median": float(statistics.median(others)) if others else None,
+                "vm_start_ms_max": float(max(others)) if others else None,
+                "slow_vm_starts": [s for s in starts
+                                   if not s["template_boot"] and s["agent_ready_ms"] > 10000]}
 
     def stop(self) -> dict[str, Any]:
         """SIGTERM, wait, count leftovers, then clean up whatever was left (blocking)."""
@@ -274,6 +294,11 @@ empty = "{empty}"
         else:
             progress(f"{PREFIX} {self.label}: daemon stopped in {info['stop_s']:.1f} s, "
                      f"nothing left behind")
+        if LOG_DIR is not None:
+            LOG_DIR.mkdir(parents=True, exist_ok=True)
+            kept = LOG_DIR / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', self.label)}.log"
+            shutil.copyfile(self.log_path, kept)
+            info["log_copy"] = str(kept)
         self.cleanup(pids, mounts)
         return info
 
@@ -950,11 +975,15 @@ def report(result: dict[str, Any]) -> str:
         lg = dd.get("log", {})
         prow.append([name, fmt(ph.get("phase_s")), fmt(ph.get("fill_s")),
                      dd.get("exit_code"), fmt(dd.get("stop_s")), dd.get("leaked"),
-                     lg.get("warnings"), lg.get("errors"),
+                     lg.get("warnings"), lg.get("errors"), lg.get("grpc_core"),
+                     lg.get("vm_starts"), fmt(lg.get("vm_start_ms_median")),
+                     fmt(lg.get("vm_start_ms_max")), len(lg.get("slow_vm_starts", [])),
                      (ph.get("error") or ph.get("stopped_early") or "")[:60]])
-    out.append("phases (one daemon each)")
+    out.append("phases (one daemon each; VM starts = clones/boots from the daemon log, "
+               "agent ready ms; slow = over 10 s, cold boots included)")
     out.append(table(["phase", "wall s", "fill s", "exit", "stop s", "leaked", "log warn",
-                      "log err", "problem"], prow))
+                      "log err", "grpc core", "VM starts", "median", "max", "slow",
+                      "problem"], prow))
     out.append("")
     out.append("targets")
     out.append(table(["target", "measured", "goal", "result"],
@@ -991,6 +1020,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax1.axhline(TARGET_WARM_P99_MS, color="C0", ls="--", lw=1, label="warm p99 target")
     ax1.axhline(TARGET_HOT_MEDIAN_MS, color="C1", ls=":", lw=1, label="hot median target")
     ax1.set_xscale("log", base=2)
+    ticks = sorted({int(c) for key in ("warm_get_ms", "hot_get_ms") for c in result[key]})
+    if ticks:
+        ax1.set_xticks(ticks, [str(t) for t in ticks])
+        ax1.set_xticks([], minor=True)
     ax1.set_yscale("log")
     ax1.set(xlabel="concurrent clients", ylabel="client-side get latency (ms)",
             title="Get from a full pool")
@@ -1046,9 +1079,13 @@ def main() -> int:
                    help="a smoke run of a few minutes (fewer rounds, C=1,4, 50 cycles, 10 s cells)")
     p.add_argument("--cycles", type=int, default=None,
                    help="get/release cycles in phase 4 (default 1000, --quick 50)")
+    p.add_argument("--log-dir", type=Path, default=None,
+                   help="copy each phase's daemon log into this directory")
     args = p.parse_args()
     if args.cycles is not None and args.cycles < 1:
         p.error("--cycles must be at least 1")
+    global LOG_DIR
+    LOG_DIR = args.log_dir
 
     async def guarded() -> dict[str, Any]:
         loop = asyncio.get_running_loop()

@@ -119,6 +119,7 @@ class Daemon:
             await pool.close()
         if self.leases is not None:
             for lease in self.leases.values():
+                await self.leases.pop(lease.id)
                 await self._end_lease(lease, "daemon stopping")
         await self.template.close()
         await self.template.template.destroy()
@@ -170,12 +171,15 @@ class Daemon:
             vm = await base.get_vm(vm_config)
             source, pool_name = ("clone" if vm.spec.incoming else "boot"), ""
         assert self.leases is not None
-        lease = self.leases.add(vm, pool_name, source, req.client, req.lease_ttl_s)
-        return lease
+        try:
+            return await self.leases.add(vm, pool_name, source, req.client, req.lease_ttl_s)
+        except BaseException:
+            await asyncio.shield(vm.stop())  # not leased, so nobody would ever stop it
+            raise
 
     async def release(self, lease_id: str) -> None:
         assert self.leases is not None
-        lease = self.leases.pop(lease_id)
+        lease = await self.leases.pop(lease_id)
         await self._end_lease(lease, "released")
 
     async def _end_lease(self, lease: Lease, why: str) -> None:
@@ -188,7 +192,7 @@ class Daemon:
         while True:
             await asyncio.sleep(LEASE_CHECK_S)
             for lease in self.leases.expired():
-                self.leases.pop(lease.id)
+                await self.leases.pop(lease.id)
                 logger.info("lease %s expired: reclaiming vm %s", lease.id, lease.vm.id)
                 await self._end_lease(lease, f"TTL of {lease.ttl_s:g} s ended")
 

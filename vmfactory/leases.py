@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 
 from vmfactory.errors import VmFactoryError
 from vmfactory.hypervisor.base import Vm
-from vmfactory.store import Store
+from vmfactory.store import RecordNotFound, Store
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +54,26 @@ class LeaseTable:
     def values(self) -> list[Lease]:
         return list(self._leases.values())
 
-    def add(self, vm: Vm, pool: str, source: str, client: str, ttl_s: float) -> Lease:
+    async def add(self, vm: Vm, pool: str, source: str, client: str, ttl_s: float) -> Lease:
+        """Record a new lease (synced to the store, off the event loop) and return it."""
         lease = Lease(secrets.token_hex(8), vm, pool, source, client, ttl_s)
+        await asyncio.to_thread(self._store.save_json, f"leases/{lease.id}", lease.record())
         self._leases[lease.id] = lease
-        self._store.save_json(f"leases/{lease.id}", lease.record())
         return lease
 
-    def pop(self, lease_id: str) -> Lease:
+    def restore(self, lease: Lease) -> None:
+        """Take back a lease an earlier daemon recorded (crash recovery)."""
+        self._leases[lease.id] = lease
+
+    async def pop(self, lease_id: str) -> Lease:
         try:
             lease = self._leases.pop(lease_id)
         except KeyError:
             raise LeaseNotFound(f"no lease {lease_id!r}") from None
-        self._store.delete(f"leases/{lease.id}")
+        try:
+            await asyncio.to_thread(self._store.delete, f"leases/{lease.id}")
+        except RecordNotFound:
+            pass
         return lease
 
     def expired(self, now: float | None = None) -> list[Lease]:

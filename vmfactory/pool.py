@@ -43,7 +43,11 @@ class PoolEmpty(FactoryError):
 
 
 class Pool:
-    """Keeps ``min_size`` ready VMs of ``config`` (never more than ``max_size`` alive)."""
+    """Keeps ``min_size`` ready VMs of ``config``.
+
+    ``max_size`` bounds the VMs the pool holds or is making (ready + refilling);
+    handed-out VMs belong to their leases and are not counted.
+    """
 
     def __init__(self, config: PoolConfig, vm_config: VmConfig, base: FactoryBase,
                  events: EventBus, refill_slots: asyncio.Semaphore, mem_floor_mib: int,
@@ -89,12 +93,19 @@ class Pool:
                 vm, source = await self._miss(deadline)
                 if source != "pool":
                     return vm, source
-            self._kick()
             try:
                 await self._activate(vm)
             except (VmFactoryError, OSError) as exc:
                 await self._replace(vm, f"failed at handout: {exc}")
                 continue
+            except BaseException:
+                # The caller gave up (deadline, cancellation): the VM is half handed
+                # out, so it is not pooled again; stop it rather than lose it.
+                await asyncio.shield(self._replace(vm, "handout cancelled"))
+                raise
+            # Refill after the handout, not during it: a clone being made competes
+            # with the handout for the host's CPUs.
+            self._kick()
             self.handouts += 1
             self._emit("handout", vm.id)
             return vm, "pool"
@@ -169,9 +180,11 @@ class Pool:
             async with self._slots:
                 vm = await self.base.get_vm(self.vm_config)
             try:
-                # Run the handout path once now, so its guest code is already in
-                # TCG's translation cache when the handout comes.
+                # Run the handout path and a gRPC call once now, so their guest code
+                # is already in TCG's translation cache when the handout comes.
                 await prepare_vm(vm)
+                if vm.agent is not None:
+                    await vm.agent.wait_ready(vm.timeouts.agent_call)
                 if not self.config.keep_running:
                     await vm.pause()
             except BaseException:

@@ -21,10 +21,11 @@ from vmfactory.proto import agent_pb2_grpc as pb_grpc
 T = TypeVar("T")
 
 # Reconnect quickly: the agent channel is a local socket, and a VM's agent comes
-# up (or a clone resumes) within seconds.
+# up (or a clone resumes) within seconds.  Not grpc.min_reconnect_backoff_ms: grpc
+# also uses it as the connect timeout, and a first handshake with a TCG guest
+# takes hundreds of milliseconds.
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
     ("grpc.max_reconnect_backoff_ms", 500),
     ("grpc.enable_retries", 0),
 ]

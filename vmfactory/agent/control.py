@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import time
+from typing import Any
 
 from vmfactory.errors import AgentError
 from vmfactory.guest.agent import ctlproto
+
+READY_POLL_S = 0.02
 
 
 class ControlClient:
@@ -65,6 +69,26 @@ class ControlClient:
         if await self._call("control-ping", ctlproto.OP_PING, token, timeout) != token:
             raise AgentError("control-ping", "answered with the wrong token")
         return time.monotonic() - start
+
+    async def status(self, timeout: float | None = None) -> dict[str, Any]:
+        """Whether the guest's gRPC server listens, its boot milestones, MemTotal."""
+        reply = await self._call("control-status", ctlproto.OP_STATUS, b"", timeout)
+        return json.loads(reply)
+
+    async def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """Wait until the agent answers here and its gRPC server listens; its status."""
+        deadline = time.monotonic() + timeout
+        # One ping with the whole budget: the frame waits in the port until the
+        # guest's control loop opens it.
+        try:
+            await self.ping(timeout=timeout)
+        except AgentError as exc:
+            raise AgentError("wait-ready", str(exc).split(": ", 1)[-1]) from exc
+        while not (status := await self.status(max(0.01, deadline - time.monotonic())))["grpc"]:
+            if time.monotonic() > deadline:
+                raise AgentError("wait-ready", f"gRPC server not up within {timeout:g} s")
+            await asyncio.sleep(READY_POLL_S)
+        return status
 
     async def activate(self, entropy: bytes, unix_ns: int | None = None,
                        timeout: float | None = None) -> bool:

@@ -49,10 +49,10 @@ class DirectFactory(FactoryBase):
 
     @staticmethod
     async def _verify(vm: Vm) -> None:
-        """The agent must answer a ping from the caller's side too."""
+        """The agent's gRPC API must answer too (a cold boot's first call)."""
         if vm.agent is None:
             raise AgentError("ping", f"vm {vm.id} has no agent channel")
-        await vm.agent.ping()
+        await vm.agent.wait_ready(vm.timeouts.agent_call)
 
     def status(self) -> dict[str, Any]:
         return {"base": self.name, "booted": self.booted, "failed": self.failed,

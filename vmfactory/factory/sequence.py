@@ -51,6 +51,9 @@ async def prepare_vm(vm: Vm, want: VmConfig | None = None) -> dict[str, float]:
     except (VmFactoryError, OSError) as exc:
         await vm.stop()
         raise FactoryError(f"get-vm step {step} failed for vm {vm.id}: {exc}") from exc
+    except BaseException:
+        await asyncio.shield(vm.stop())  # cancelled: nobody will get this VM
+        raise
     return steps
 
 

@@ -23,7 +23,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vmfactory.config import VmConfig
 from vmfactory.errors import TemplateError
 from vmfactory.hypervisor.base import VmSpec
 from vmfactory.hypervisor.qemu import QemuHypervisor, QemuVm
@@ -73,17 +72,16 @@ def qemu_version(qemu: str) -> str:
     return (out.stdout.splitlines() or ["unknown"])[0].strip()
 
 
+TEMPLATE_OWN = ("memory_path", "memory_shared", "incoming")
+
+
 def spec_record(spec: VmSpec) -> dict[str, Any]:
     """The parts of a spec a clone must share with its template, as JSON."""
-    return {"vm": dataclasses.asdict(spec.vm), "kernel": str(spec.kernel),
-            "initrd": str(spec.initrd), "rootfs": str(spec.rootfs), "accel": spec.accel,
-            "extra_kernel_args": list(spec.extra_kernel_args)}
+    return {k: v for k, v in spec.to_record().items() if k not in TEMPLATE_OWN}
 
 
 def spec_from_record(record: dict[str, Any]) -> VmSpec:
-    return VmSpec(vm=VmConfig(**record["vm"]), kernel=Path(record["kernel"]),
-                  initrd=Path(record["initrd"]), rootfs=Path(record["rootfs"]),
-                  accel=record["accel"], extra_kernel_args=tuple(record["extra_kernel_args"]))
+    return VmSpec.from_record(record)
 
 
 class Template:

@@ -13,10 +13,11 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import psutil
 
@@ -51,6 +52,24 @@ class VmSpec:
     memory_shared: bool = False
     # Restore device state from this file instead of booting (a template clone).
     incoming: Path | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """JSON-ready form, for metadata records."""
+        out: dict[str, Any] = {"vm": asdict(self.vm), "accel": self.accel,
+                               "extra_kernel_args": list(self.extra_kernel_args),
+                               "memory_shared": self.memory_shared}
+        for name in ("kernel", "initrd", "rootfs", "memory_path", "incoming"):
+            value = getattr(self, name)
+            out[name] = None if value is None else str(value)
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> VmSpec:
+        paths = {name: None if record.get(name) is None else Path(record[name])
+                 for name in ("kernel", "initrd", "rootfs", "memory_path", "incoming")}
+        return cls(vm=VmConfig(**record["vm"]), accel=record["accel"],
+                   extra_kernel_args=tuple(record.get("extra_kernel_args", ())),
+                   memory_shared=bool(record.get("memory_shared", False)), **paths)
 
 
 @dataclass
@@ -104,6 +123,13 @@ class Vm(ABC):
         self.memory_mib = spec.vm.memory_mib
         self.boot_mem_total_kib = 0  # the guest's MemTotal when its agent first answered
         self.created_at = time.monotonic()
+        # Called once the VM is stopped (e.g. to drop its metadata record).
+        self.stop_callbacks: list[Callable[[Vm], None]] = []
+
+    def _stopped(self) -> None:
+        callbacks, self.stop_callbacks = self.stop_callbacks, []
+        for callback in callbacks:
+            callback(self)
 
     def _require(self, operation: str, *allowed: VmState) -> None:
         if self.state not in allowed:

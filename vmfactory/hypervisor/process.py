@@ -77,6 +77,7 @@ class ProcessVm(Vm):
             await self._teardown()
         finally:
             self.state = VmState.STOPPED
+            self._stopped()
 
     async def _teardown(self) -> None:
         await self.disconnect_agent()

@@ -25,7 +25,8 @@ from vmfactory.agent.control import ControlClient
 from vmfactory.errors import AgentError, HypervisorError
 from vmfactory.guest.agent import AGENT_PORT_NAME
 from vmfactory.guest.agent.ctlproto import CONTROL_PORT_NAME
-from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec, VmState, kill_process_group
+from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec, VmState
+from vmfactory.hypervisor.proc import AdoptedProcess, ChildProcess, ProcessHandle
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ BASE_KERNEL_ARGS = ("console=ttyS0", "panic=-1", "quiet", "loglevel=3")
 QMP_RETRY_S = 0.005
 MIGRATE_POLL_S = 0.002
 MEMORY_BLOCK_MIB = 128
+EXIT_SETTLE_S = 0.5
 # Memory hot-plug slots reserved in every VM so hot-plug works on clones too.
 MEMORY_SLOTS = 8
 
@@ -91,7 +93,7 @@ class QemuVm(Vm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: ProcessHandle | None = None
         self._qmp: QMPClient | None = None
 
     @property
@@ -126,6 +128,27 @@ class QemuVm(Vm):
         logger.info("vm %s running (pid %s, agent ready in %.0f ms)", self.id, self.pid,
                     self.timings.agent_ready_ms)
 
+    async def adopt(self, pid: int) -> None:
+        """Take over the QEMU an earlier daemon started for this VM (CREATED ->
+        RUNNING or PAUSED, as QEMU reports it).  The agent must answer."""
+        self._require("adopt", VmState.CREATED)
+        self.state = VmState.STARTING
+        try:
+            self._proc = _adoptable(pid, self.run_dir)
+            await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
+            paused = (await self.qmp("query-status"))["status"] == "paused"
+            if paused:
+                await self.qmp("cont")  # the agent answers only while the vCPUs run
+            await self._wait_agent()
+            if paused:
+                await self.qmp("stop")
+        except BaseException:
+            self.state = VmState.FAILED
+            await self._teardown()
+            raise
+        self.state = VmState.PAUSED if paused else VmState.RUNNING
+        logger.info("vm %s adopted (pid %d, %s)", self.id, pid, self.state.value)
+
     def _check_inputs(self) -> None:
         for what, path in (("kernel", self.spec.kernel), ("initrd", self.spec.initrd),
                            ("root image", self.spec.rootfs)):
@@ -142,9 +165,9 @@ class QemuVm(Vm):
         argv = qemu_argv(self.spec, self.run_dir, self.id)
         logger.debug("vm %s: %s", self.id, " ".join(argv))
         with open(self.run_dir / "qemu.log", "wb") as log:
-            self._proc = await asyncio.create_subprocess_exec(
+            self._proc = ChildProcess(await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
+                start_new_session=True))
 
     async def _connect_qmp(self) -> None:
         while not self.qmp_socket.exists():
@@ -160,24 +183,20 @@ class QemuVm(Vm):
             return
 
     async def _wait_agent(self) -> None:
-        self.agent = AgentClient(f"unix:{self.agent_socket}", self.timeouts.agent_call)
-        timeout = self.timeouts.agent_ready
-        await self._guarded("agent-ready", self.agent.wait_ready(timeout), timeout + 1)
-        info = await self._guarded("agent-ready", self.agent.info(0), self.timeouts.agent_call)
-        self.boot_mem_total_kib = info.mem_total_kib
-        await self._guarded("agent-ready", self._connect_control(), self.timeouts.agent_call)
-        self.timings.guest_init_s = info.boot.init_start_s
-        self.timings.guest_agent_ready_s = info.boot.agent_ready_s
-
-    async def _connect_control(self) -> None:
+        """The agent is ready when its control loop answers and its gRPC server
+        listens.  The gRPC channel itself connects on first use: a template's
+        guest must be saved without a gRPC session, and a clone's first gRPC
+        call pays for TCG translating that path."""
         control = ControlClient(str(self.run_dir / "ctl.sock"), self.timeouts.agent_call)
-        await control.connect()
-        try:
-            await control.ping()  # also puts the hot path in TCG's translation cache
-        except BaseException:
-            await control.close()
-            raise
         self.control = control
+        await self._guarded("agent-ready", control.connect(), self.timeouts.agent_call)
+        timeout = self.timeouts.agent_ready
+        status = await self._guarded("agent-ready", control.wait_ready(timeout), timeout + 1)
+        self.boot_mem_total_kib = status["mem_total_kib"]
+        boot = status["boot"]
+        self.timings.guest_init_s = boot.get("init_start_s", 0.0)
+        self.timings.guest_agent_ready_s = boot.get("agent_ready_s", 0.0)
+        self.agent = AgentClient(f"unix:{self.agent_socket}", self.timeouts.agent_call)
 
     async def _guarded(self, step: str, work: Awaitable[T], timeout: float) -> T:
         """Run ``work`` unless QEMU exits first or ``timeout`` passes."""
@@ -195,22 +214,27 @@ class QemuVm(Vm):
         if task in done:
             try:
                 return task.result()
-            except HypervisorError as exc:
-                if exc.step == step:
+            except (HypervisorError, AgentError, QMPError, OSError) as exc:
+                if isinstance(exc, HypervisorError) and exc.step == step:
                     raise
-                raise HypervisorError(step, f"{exc}{self._exit_note()}") from exc
-            except (AgentError, QMPError, OSError) as exc:
-                raise HypervisorError(step, f"{exc}{self._exit_note()}") from exc
+                # A channel that broke is usually QEMU exiting: name that instead.
+                await self._settle_exit()
+                if self._proc.returncode is not None:
+                    raise HypervisorError(step, f"QEMU exited with code {self._proc.returncode}: "
+                                                f"{self._exit_reason()}") from exc
+                raise HypervisorError(step, str(exc)) from exc
         if exited in done:
             raise HypervisorError(step, f"QEMU exited with code {self._proc.returncode}: "
                                         f"{self._exit_reason()}")
         raise HypervisorError(step, f"timed out after {timeout:g} s")
 
-    def _exit_note(self) -> str:
-        proc = self._proc
-        if proc is None or proc.returncode is None:
-            return ""
-        return f" (QEMU exited with code {proc.returncode}: {self._exit_reason()})"
+    async def _settle_exit(self) -> None:
+        """Give a dying QEMU a moment to be reaped, so its exit can be reported."""
+        if self._proc is not None and self._proc.returncode is None:
+            try:
+                await asyncio.wait_for(self._proc.wait(), EXIT_SETTLE_S)
+            except asyncio.TimeoutError:
+                pass
 
     def _exit_reason(self) -> str:
         return (last_line(self.run_dir / "console.log", "vmfactory-init: FAILED")
@@ -303,6 +327,7 @@ class QemuVm(Vm):
             await self._teardown(graceful=True)
         finally:
             self.state = VmState.STOPPED
+            self._stopped()
 
     async def _teardown(self, graceful: bool = False) -> None:
         """Agent channel, QMP, process, run directory: undone in reverse order of setup."""
@@ -330,7 +355,19 @@ class QemuVm(Vm):
                 await asyncio.wait_for(proc.wait(), grace)
             except asyncio.TimeoutError:
                 logger.warning("vm %s: QEMU did not exit within %g s, killing it", self.id, grace)
-        await kill_process_group(proc)
+        await proc.kill()
+
+
+def _adoptable(pid: int, run_dir: Path) -> AdoptedProcess:
+    """The process ``pid`` if it is the QEMU of the VM in ``run_dir``."""
+    try:
+        proc = AdoptedProcess(pid)
+        cmdline = " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error as exc:
+        raise HypervisorError("adopt", f"no process {pid}: {exc}") from exc
+    if str(run_dir / "qmp.sock") not in cmdline or proc.returncode is not None:
+        raise HypervisorError("adopt", f"process {pid} is not the QEMU of {run_dir}")
+    return proc
 
 
 class QemuHypervisor(Hypervisor):

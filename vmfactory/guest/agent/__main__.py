@@ -16,6 +16,7 @@ signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO})
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -23,7 +24,7 @@ import time  # noqa: E402
 
 from vmfactory.guest.agent import AGENT_PORT_NAME  # noqa: E402
 from vmfactory.guest.agent.bridge import PortBridge, find_port  # noqa: E402
-from vmfactory.guest.agent.ctlproto import CONTROL_PORT_NAME  # noqa: E402
+from vmfactory.guest.agent.ctlproto import CONTROL_PORT_NAME, READY_FILE  # noqa: E402
 from vmfactory.guest.agent.platform import (  # noqa: E402
     GuestPlatform, HostStandInPlatform, Platform, read_uptime,
 )
@@ -76,6 +77,15 @@ async def _watch_children(pids: list[int]) -> None:
     os._exit(1)
 
 
+def _write_ready(boot: object) -> None:
+    """Tell the control loop that gRPC is up (it answers OP_STATUS from this)."""
+    milestones = {k: getattr(boot, k) for k in ("init_start_s", "agent_start_s", "agent_ready_s")}
+    tmp = READY_FILE + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(milestones, f)
+    os.rename(tmp, READY_FILE)
+
+
 async def serve(args: argparse.Namespace, agent_start: float, children: list[int]) -> None:
     import grpc
 
@@ -93,6 +103,8 @@ async def serve(args: argparse.Namespace, agent_start: float, children: list[int
         raise SystemExit(f"agent: cannot listen on {address}")
     await server.start()
     boot.agent_ready_s = read_uptime()
+    if children:
+        _write_ready(boot)
     logger.info("agent ready on %s (%s), uptime %.2fs", address, platform.name, boot.agent_ready_s)
     if not children:
         await server.wait_for_termination()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import logging
 import os
 import select
 import signal
 
 from vmfactory.guest.agent import ctlproto
-from vmfactory.guest.agent.platform import GuestPlatform, Platform
+from vmfactory.guest.agent.platform import GuestPlatform, Platform, read_meminfo
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class ControlServer:
         try:
             if op == ctlproto.OP_PING:
                 return ident, ctlproto.STATUS_OK, payload
+            if op == ctlproto.OP_STATUS:
+                return ident, ctlproto.STATUS_OK, _status()
             if op == ctlproto.OP_ACTIVATE:
                 time_ns, entropy = ctlproto.parse_activate(payload)
                 result = self._platform.reseed(entropy, 8 * len(entropy))
@@ -77,3 +80,14 @@ class ControlServer:
             except OSError as exc:
                 if exc.errno != errno.EAGAIN:
                     raise
+
+
+def _status() -> bytes:
+    """Whether the gRPC server listens yet, its boot milestones, and MemTotal."""
+    try:
+        with open(ctlproto.READY_FILE) as f:
+            boot = json.load(f)
+    except (OSError, ValueError):
+        boot = None
+    return json.dumps({"grpc": boot is not None, "boot": boot or {},
+                       "mem_total_kib": read_meminfo().get("MemTotal", 0)}).encode()

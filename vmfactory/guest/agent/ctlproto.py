@@ -23,11 +23,15 @@ MAX_PAYLOAD = 4096
 OP_PING = 1
 # payload: time_unix_ns (i64) + entropy bytes; reseeds the RNG, then sets the clock.
 OP_ACTIVATE = 2
+# reply: JSON {"grpc": bool, "boot": {...milestones...}, "mem_total_kib": int}
+OP_STATUS = 3
 
 STATUS_OK = 0
 STATUS_ERROR = 1
 
 CONTROL_PORT_NAME = "vmfactory.ctl"
+# Written by the agent once its gRPC server listens: the boot milestones, as JSON.
+READY_FILE = "/run/vmfactory-agent.ready"
 
 
 def encode(ident: int, code: int, payload: bytes = b"") -> bytes:

@@ -1,0 +1,49 @@
+"""Metadata records of live VMs: what a restarted daemon needs to take them back.
+
+``vms/<id>`` holds the VM's spec, pid, size and role (pooled or leased); leases
+live under ``leases/<id>`` (see leases.py).  A record is written when a VM
+enters a pool or a lease and dropped when the VM stops.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from vmfactory.hypervisor.base import Vm, VmState
+from vmfactory.store import CorruptRecord, RecordNotFound, Store
+
+logger = logging.getLogger(__name__)
+
+
+class VmRecords:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def save(self, vm: Vm, role: str, pool: str = "", lease_id: str = "") -> None:
+        """(Re)write ``vm``'s record and drop it automatically when the VM stops."""
+        record = {"vm_id": vm.id, "pid": vm.pid, "spec": vm.spec.to_record(),
+                  "cpus": vm.cpus, "memory_mib": vm.memory_mib, "role": role, "pool": pool,
+                  "lease_id": lease_id, "paused": vm.state is VmState.PAUSED}
+        self._store.save_json(f"vms/{vm.id}", record)
+        if self._drop not in vm.stop_callbacks:
+            vm.stop_callbacks.append(self._drop)
+
+    def _drop(self, vm: Vm) -> None:
+        self.delete(vm.id)
+
+    def delete(self, vm_id: str) -> None:
+        try:
+            self._store.delete(f"vms/{vm_id}")
+        except RecordNotFound:
+            pass
+
+    def load_all(self, prefix: str = "vms/") -> list[dict[str, Any]]:
+        """Every readable record under ``prefix``; corrupt ones are set aside by the store."""
+        out = []
+        for key in self._store.list(prefix):
+            try:
+                out.append(self._store.load_json(key))
+            except CorruptRecord as exc:
+                logger.error("skipping corrupt record %s: %s", key, exc)
+        return out
