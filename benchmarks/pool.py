@@ -185,7 +185,7 @@ accel = "tcg"
 socket = "{self.socket}"
 mem_floor_mib = {MEM_FLOOR_MIB}
 [store]
-url = "file://{self.root / 'store'}"
+url = "leveldb://{self.root / 'store.ldb'}"
 [[pools]]
 name = "bench"
 min_size = {min_size}

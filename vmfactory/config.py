@@ -160,7 +160,7 @@ class DaemonConfig:
 class StoreConfig:
     """Where records that must survive a crash live (file:///... or leveldb:///...)."""
 
-    url: str = "file:///var/lib/vmfactory/store"
+    url: str = "leveldb:///var/lib/vmfactory/store.ldb"
 
 
 @dataclass(frozen=True)

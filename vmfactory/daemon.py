@@ -29,6 +29,8 @@ from vmfactory.hypervisor.base import Vm
 from vmfactory.hypervisor.qemu import QemuHypervisor
 from vmfactory.leases import Lease, LeaseTable
 from vmfactory.pool import Pool
+from vmfactory.records import VmRecords
+from vmfactory.recovery import Recovery, RecoveryReport
 from vmfactory.store import Store, open_store
 from vmfactory.tasks import TaskOwner
 
@@ -71,6 +73,8 @@ class Daemon:
         self.template = TemplateFactory(config, self.hypervisor, self.direct)
         self.pools: dict[str, Pool] = {}
         self.leases: LeaseTable | None = None
+        self.records: VmRecords | None = None
+        self.recovery = RecoveryReport()
         self._tasks = TaskOwner("daemon")
         self._stop = asyncio.Event()
         self._procs: dict[int, psutil.Process] = {}
@@ -81,14 +85,19 @@ class Daemon:
             raise DaemonError(f"daemon is {self.state.value}")
         self.state = DaemonState.STARTING
         self.store = open_store(self.config.store.url)
-        self.leases = LeaseTable(self.store)
+        self.records = VmRecords(self.store)
+        self.leases = LeaseTable(self.records)
         await self._tasks.start()
         await self.template.start()
         slots = asyncio.Semaphore(self.config.daemon.refill_concurrency)
         for pc in self.config.pools:
-            pool = Pool(pc, self._pool_vm_config(pc), self._base(pc.base), self.events, slots,
-                        self.config.daemon.mem_floor_mib, self.config.daemon.health_interval_s)
-            self.pools[pc.name] = pool
+            self.pools[pc.name] = Pool(
+                pc, self._pool_vm_config(pc), self._base(pc.base), self.events, slots,
+                self.config.daemon.mem_floor_mib, self.config.daemon.health_interval_s,
+                self.records)
+        self.recovery = await Recovery(self.records, self.leases, self.hypervisor,
+                                       self.pools).run()
+        for pool in self.pools.values():
             await pool.start()
         self._tasks.spawn(self._reclaim_loop(), "lease-reclaim")
         self.state = DaemonState.SERVING
@@ -119,7 +128,7 @@ class Daemon:
             await pool.close()
         if self.leases is not None:
             for lease in self.leases.values():
-                await self.leases.pop(lease.id)
+                self.leases.pop(lease.id)
                 await self._end_lease(lease, "daemon stopping")
         await self.template.close()
         await self.template.template.destroy()
@@ -179,7 +188,7 @@ class Daemon:
 
     async def release(self, lease_id: str) -> None:
         assert self.leases is not None
-        lease = await self.leases.pop(lease_id)
+        lease = self.leases.pop(lease_id)
         await self._end_lease(lease, "released")
 
     async def _end_lease(self, lease: Lease, why: str) -> None:
@@ -192,7 +201,7 @@ class Daemon:
         while True:
             await asyncio.sleep(LEASE_CHECK_S)
             for lease in self.leases.expired():
-                await self.leases.pop(lease.id)
+                self.leases.pop(lease.id)
                 logger.info("lease %s expired: reclaiming vm %s", lease.id, lease.vm.id)
                 await self._end_lease(lease, f"TTL of {lease.ttl_s:g} s ended")
 
@@ -221,5 +230,6 @@ class Daemon:
         live = {v["pid"] for v in vms}
         self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
         return {"pid": os.getpid(), "uptime_s": time.time() - self.started_at,
+                "recovered": self.recovery.adopted, "recovery_s": self.recovery.seconds,
                 "version": __version__, "pools": [p.status() for p in self.pools.values()],
                 "vms": vms, "template": self.template.status()}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from vmfactory.errors import VmFactoryError
 from vmfactory.hypervisor.base import Vm
-from vmfactory.store import RecordNotFound, Store
+from vmfactory.records import VmRecords
 
 logger = logging.getLogger(__name__)
 
@@ -34,18 +34,16 @@ class Lease:
         return self.created + self.ttl_s if self.ttl_s > 0 else None
 
     def record(self) -> dict[str, object]:
-        vm = self.vm
-        return {"lease_id": self.id, "vm_id": vm.id, "pid": vm.pid, "pool": self.pool,
-                "source": self.source, "client": self.client, "ttl_s": self.ttl_s,
-                "created": self.created, "run_dir": str(vm.run_dir),
-                "cpus": vm.cpus, "memory_mib": vm.memory_mib}
+        return {"lease_id": self.id, "pool": self.pool, "source": self.source,
+                "client": self.client, "ttl_s": self.ttl_s, "created": self.created}
 
 
 class LeaseTable:
-    """Leases in memory, each mirrored to the store under ``leases/<id>``."""
+    """Leases in memory; each is persisted inside its VM's record (one synced
+    write per handout: see VmRecords), so a restarted daemon can restore it."""
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, records: VmRecords) -> None:
+        self._records = records
         self._leases: dict[str, Lease] = {}
 
     def __len__(self) -> int:
@@ -57,7 +55,7 @@ class LeaseTable:
     async def add(self, vm: Vm, pool: str, source: str, client: str, ttl_s: float) -> Lease:
         """Record a new lease (synced to the store, off the event loop) and return it."""
         lease = Lease(secrets.token_hex(8), vm, pool, source, client, ttl_s)
-        await asyncio.to_thread(self._store.save_json, f"leases/{lease.id}", lease.record())
+        await asyncio.to_thread(self._records.save, vm, "leased", pool, lease.record())
         self._leases[lease.id] = lease
         return lease
 
@@ -65,16 +63,12 @@ class LeaseTable:
         """Take back a lease an earlier daemon recorded (crash recovery)."""
         self._leases[lease.id] = lease
 
-    async def pop(self, lease_id: str) -> Lease:
+    def pop(self, lease_id: str) -> Lease:
+        """Forget a lease; its record goes when its VM stops."""
         try:
-            lease = self._leases.pop(lease_id)
+            return self._leases.pop(lease_id)
         except KeyError:
             raise LeaseNotFound(f"no lease {lease_id!r}") from None
-        try:
-            await asyncio.to_thread(self._store.delete, f"leases/{lease.id}")
-        except RecordNotFound:
-            pass
-        return lease
 
     def expired(self, now: float | None = None) -> list[Lease]:
         now = time.time() if now is None else now

@@ -24,6 +24,7 @@ from vmfactory.events import EventBus, PoolEvent
 from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.sequence import prepare_vm
 from vmfactory.hypervisor.base import Vm, VmState
+from vmfactory.records import VmRecords
 from vmfactory.tasks import TaskOwner
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ class Pool:
 
     def __init__(self, config: PoolConfig, vm_config: VmConfig, base: FactoryBase,
                  events: EventBus, refill_slots: asyncio.Semaphore, mem_floor_mib: int,
-                 health_interval_s: float) -> None:
+                 health_interval_s: float, records: VmRecords | None = None) -> None:
         self.config = config
         self.vm_config = vm_config
         self.base = base
@@ -59,6 +60,7 @@ class Pool:
         self._slots = refill_slots
         self._mem_floor_mib = mem_floor_mib
         self._health_interval_s = health_interval_s
+        self._records = records
         self.ready: deque[Vm] = deque()
         self.refilling = 0
         self.handouts = self.misses = self.replaced = self.failures = 0
@@ -73,6 +75,16 @@ class Pool:
 
     def _emit(self, kind: str, vm_id: str = "", detail: str = "") -> None:
         self.events.publish(PoolEvent(self.name, kind, vm_id, detail))
+
+    def accepts(self, vm: Vm) -> bool:
+        """Whether ``vm`` has this pool's size (crash recovery re-pools only those)."""
+        return (vm.cpus, vm.memory_mib) == (self.vm_config.cpus, self.vm_config.memory_mib)
+
+    def adopt(self, vm: Vm) -> None:
+        """Take a recovered VM into the ready list (before :meth:`start`)."""
+        if self.state is not PoolState.CREATED:
+            raise FactoryError(f"pool {self.name} is {self.state.value}")
+        self.ready.append(vm)
 
     async def start(self) -> None:
         if self.state is not PoolState.CREATED:
@@ -130,7 +142,9 @@ class Pool:
     async def _activate(self, vm: Vm) -> None:
         if vm.pid is None:
             raise FactoryError(f"vm {vm.id} has no process")
-        await prepare_vm(vm)  # resumes, reseeds (the agent answering), sets the clock
+        # Resume and set the clock; the agent answering proves it alive.  The RNG
+        # was reseeded when the VM entered the pool (see _refill_one).
+        await prepare_vm(vm, reseed=False)
 
     async def _replace(self, vm: Vm, why: str) -> None:
         self.replaced += 1
@@ -180,9 +194,11 @@ class Pool:
             async with self._slots:
                 vm = await self.base.get_vm(self.vm_config)
             try:
-                # Run the handout path and a gRPC call once now, so their guest code
-                # is already in TCG's translation cache when the handout comes.
+                # Reseed (clones share their template's RNG state until then), then
+                # run the handout path and a gRPC call once, so their guest code is
+                # already in TCG's translation cache when the handout comes.
                 await prepare_vm(vm)
+                await prepare_vm(vm, reseed=False)
                 if vm.agent is not None:
                     await vm.agent.wait_ready(vm.timeouts.agent_call)
                 if not self.config.keep_running:
@@ -201,6 +217,12 @@ class Pool:
         if self.state is not PoolState.RUNNING:
             await vm.stop()
             return
+        if self._records is not None:
+            try:
+                await asyncio.to_thread(self._records.save, vm, "pooled", self.name)
+            except BaseException:
+                await asyncio.shield(vm.stop())
+                raise
         async with self._changed:
             self.ready.append(vm)
             self._changed.notify()

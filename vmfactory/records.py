@@ -1,8 +1,8 @@
 """Metadata records of live VMs: what a restarted daemon needs to take them back.
 
-``vms/<id>`` holds the VM's spec, pid, size and role (pooled or leased); leases
-live under ``leases/<id>`` (see leases.py).  A record is written when a VM
-enters a pool or a lease and dropped when the VM stops.
+``vms/<id>`` holds the VM's spec, pid, size, role (pooled or leased) and, for a
+leased VM, its lease.  A record is written when a VM enters a pool or a lease
+(one synced write per handout) and dropped when the VM stops.
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ class VmRecords:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def save(self, vm: Vm, role: str, pool: str = "", lease_id: str = "") -> None:
+    def save(self, vm: Vm, role: str, pool: str = "",
+             lease: dict[str, Any] | None = None) -> None:
         """(Re)write ``vm``'s record and drop it automatically when the VM stops."""
         record = {"vm_id": vm.id, "pid": vm.pid, "spec": vm.spec.to_record(),
                   "cpus": vm.cpus, "memory_mib": vm.memory_mib, "role": role, "pool": pool,
-                  "lease_id": lease_id, "paused": vm.state is VmState.PAUSED}
+                  "lease": lease, "paused": vm.state is VmState.PAUSED}
         self._store.save_json(f"vms/{vm.id}", record)
         if self._drop not in vm.stop_callbacks:
             vm.stop_callbacks.append(self._drop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,9 @@ class DaemonProc:
         return (self.root / "daemon.log").read_text(errors="replace")
 
 
-def write_config(root: Path, extra: str = "", min_size: int = 2, max_size: int = 3) -> Path:
+def write_config(root: Path, extra: str = "", min_size: int = 2, max_size: int = 3,
+                 store: str = "file") -> Path:
+    store_url = f"file://{root / 'store'}" if store == "file" else f"leveldb://{root / 'store.ldb'}"
     path = root / "vmfactory.toml"
     path.write_text(f"""
 [paths]
@@ -47,12 +50,18 @@ accel = "tcg"
 socket = "{root / 'factory.sock'}"
 health_interval_s = 0.2
 [store]
-url = "file://{root / 'store'}"
+url = "{store_url}"
 [[pools]]
 name = "small"
 min_size = {min_size}
 max_size = {max_size}
 {extra}
+# Never refilled (min_size 0): requests for 2 vCPUs find it empty.
+[[pools]]
+name = "empty"
+cpus = 2
+min_size = 0
+max_size = 1
 """)
     return path
 
@@ -62,12 +71,23 @@ def start_daemon(root: Path, config: Path) -> DaemonProc:
     proc = subprocess.Popen([sys.executable, "-m", "vmfactory.cli", "--config", str(config),
                              "init"], stdout=log, stderr=subprocess.STDOUT)
     d = DaemonProc(root, config, proc)
-    deadline = time.monotonic() + 30
-    while not d.socket.is_socket():
+    deadline = time.monotonic() + 60
+    while not _accepts(d.socket):  # a stale socket file may be there already
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"daemon did not start:\n{d.log()}")
         time.sleep(0.05)
     return d
+
+
+def _accepts(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 def assert_clean(root: Path) -> None:

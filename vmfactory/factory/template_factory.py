@@ -53,9 +53,12 @@ class TemplateFactory(FactoryBase):
     def _adopt_newest(self) -> Template:
         """The newest saved generation of the configured template; older ones are removed."""
         root, name = self.config.paths.template_dir, self.config.template.name
-        found = sorted(root.glob(f"{name}.*")) if root.is_dir() else []
-        ready = [Template(d, self.hypervisor) for d in found]
-        ready = [t for t in ready if t.state is TemplateState.READY]
+        found = [Template(d, self.hypervisor)
+                 for d in (sorted(root.glob(f"{name}.*")) if root.is_dir() else [])]
+        for broken in [t for t in found if t.state is not TemplateState.READY]:
+            logger.info("removing unfinished template %s", broken.directory.name)
+            broken.remove()  # a create that a crash interrupted
+        ready = [t for t in found if t.state is TemplateState.READY]
         for stale in ready[:-1]:
             logger.info("removing older template generation %s", stale.directory.name)
             stale.remove()

@@ -62,6 +62,7 @@ class FactoryService(pb_grpc.FactoryServicer):
                      context: grpc.aio.ServicerContext) -> pb.StatusReply:
         s = self.daemon.status()
         return pb.StatusReply(pid=s["pid"], uptime_s=s["uptime_s"], version=s["version"],
+                              recovered=s["recovered"], recovery_s=s["recovery_s"],
                               pools=[pb.PoolStatus(**p) for p in s["pools"]],
                               vms=[pb.VMStatus(**v) for v in s["vms"]])
 

@@ -60,9 +60,11 @@ class ControlServer:
                 return ident, ctlproto.STATUS_OK, _status()
             if op == ctlproto.OP_ACTIVATE:
                 time_ns, entropy = ctlproto.parse_activate(payload)
-                result = self._platform.reseed(entropy, 8 * len(entropy))
+                reseeded = False
+                if entropy:  # empty: the clock only (the RNG was reseeded earlier)
+                    reseeded = self._platform.reseed(entropy, 8 * len(entropy)).reseeded
                 self._platform.set_time(time_ns)
-                return ident, ctlproto.STATUS_OK, bytes([result.reseeded])
+                return ident, ctlproto.STATUS_OK, bytes([reseeded])
             return ident, ctlproto.STATUS_ERROR, f"unknown op {op}".encode()
         except (OSError, ValueError) as exc:
             return ident, ctlproto.STATUS_ERROR, str(exc).encode()[:ctlproto.MAX_PAYLOAD]

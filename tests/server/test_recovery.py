@@ -1,0 +1,105 @@
+"""Crash recovery with real QEMU: kill -9 the daemon under load, start it again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from runtime_client.errors import ClientError
+from runtime_client.factory_client import FactoryClient
+from tests.conftest import qemu_pids_under
+from tests.server.conftest import assert_clean, start_daemon, stop_daemon, write_config
+from tests.server.test_daemon import pool_ready
+from vmfactory.agent import AgentClient
+from vmfactory.guest.image import GuestImage
+
+pytestmark = pytest.mark.qemu
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie: an adopted QEMU is not our child, so once killed it
+    waits as a zombie until whoever inherited it reaps it."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def _churn(socket: str, stop: asyncio.Event) -> int:
+    """get/release in a loop until stopped; errors are expected once the daemon dies."""
+    cycles = 0
+    async with FactoryClient(socket, timeout=30) as client:
+        while not stop.is_set():
+            with contextlib.suppress(ClientError):
+                handle = await client.get_vm(client="churn")
+                await client.release(handle.lease_id)
+                cycles += 1
+            await asyncio.sleep(0.05)
+    return cycles
+
+
+def test_kill_9_under_load_then_restart(guest_image: GuestImage) -> None:
+    root = Path(tempfile.mkdtemp(prefix="vmfd-", dir="/tmp"))
+    config = write_config(root, min_size=2, max_size=3, store="leveldb")  # the default store
+    d = start_daemon(root, config)
+    try:
+        asyncio.run(_crash_and_recover(root, config, d))
+    finally:
+        for pid in qemu_pids_under(root):
+            os.kill(pid, signal.SIGKILL)
+        subprocess.run(["umount", "-l", *map(str, (root / "templates").glob("*"))],
+                       capture_output=True, check=False)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _crash_and_recover(root: Path, config: Path, d) -> None:  # type: ignore[no-untyped-def]
+    socket = str(d.socket)
+    async with FactoryClient(socket) as client:
+        await pool_ready(client)
+        leased = [await client.get_vm(client="keeper") for _ in range(2)]
+    stop = asyncio.Event()
+    churn = asyncio.create_task(_churn(socket, stop))
+    await asyncio.sleep(3)
+    d.proc.kill()  # SIGKILL: no cleanup at all
+    d.proc.wait()
+    stop.set()
+    assert await churn > 0
+    assert all(psutil.pid_exists(h.pid) for h in leased), "QEMU must outlive the daemon"
+
+    start = time.monotonic()
+    d2 = start_daemon(root, config)  # the stale socket is removed on start
+    try:
+        async with FactoryClient(socket) as client:
+            status = await pool_ready(client)
+            restart_s = time.monotonic() - start
+            assert status.recovered >= 2 and status.recovery_s < restart_s
+            by_lease = {v.lease_id: v for v in status.vms if v.lease_id}
+            for h in leased:
+                assert by_lease[h.lease_id].pid == h.pid  # same VM, still leased
+                agent = AgentClient(f"unix:{h.agent_socket}", call_timeout=10)
+                try:
+                    await agent.wait_ready(30)
+                    assert (await agent.info(0)).platform == "guest"
+                finally:
+                    await agent.close()
+            # Every QEMU under the daemon's directory is accounted for by a record.
+            known = {v.pid for v in status.vms}
+            assert set(qemu_pids_under(root)) == known
+            assert {p.name for p in (root / "run").iterdir()} == {v.vm_id for v in status.vms}
+            for h in leased:
+                await client.release(h.lease_id)
+                assert not _alive(h.pid)
+    finally:
+        code = stop_daemon(d2)
+        assert code == 0, d2.log()[-3000:]
+    assert_clean(root)

@@ -1,0 +1,130 @@
+"""Crash recovery: a restarted daemon takes back what its predecessor left running.
+
+QEMU runs in its own session, so a daemon killed with SIGKILL leaves its VMs
+alive.  On start, every ``vms/<id>`` record is checked: a VM whose QEMU still
+runs, answers QMP and whose agent answers is re-adopted, back into its pool
+(if the pool still has that size) or under its lease (if the lease record is
+there).  Anything else is reaped: dead or unknown QEMU processes, run
+directories no record accounts for, and records of VMs that are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from vmfactory.errors import VmFactoryError
+from vmfactory.hypervisor.base import VmSpec, VmState
+from vmfactory.hypervisor.qemu import QemuHypervisor, QemuVm
+from vmfactory.leases import Lease, LeaseTable
+from vmfactory.pool import Pool
+from vmfactory.records import VmRecords
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecoveryReport:
+    pooled: list[str] = field(default_factory=list)
+    leased: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    reaped_pids: list[int] = field(default_factory=list)
+    removed_dirs: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def adopted(self) -> int:
+        return len(self.pooled) + len(self.leased)
+
+
+class Recovery:
+    """One recovery pass; run once, before the pools start."""
+
+    def __init__(self, records: VmRecords, leases: LeaseTable,
+                 hypervisor: QemuHypervisor, pools: dict[str, Pool]) -> None:
+        self.records = records
+        self.leases = leases
+        self.hypervisor = hypervisor
+        self.pools = pools
+        self.report = RecoveryReport()
+
+    async def run(self) -> RecoveryReport:
+        start = time.monotonic()
+        vm_records = self.records.load_all("vms/")
+        results = await asyncio.gather(*(self._adopt(r) for r in vm_records))
+        kept = {vm.id: vm for vm in results if vm is not None}
+        for record in vm_records:
+            vm = kept.get(record["vm_id"])
+            if vm is not None:
+                await self._place(vm, record)
+        self._reap({vm.id for vm in kept.values() if vm.state is not VmState.STOPPED})
+        self.report.seconds = time.monotonic() - start
+        logger.info("recovery: %d pooled and %d leased VMs adopted, %d records dropped, "
+                    "%d processes and %d run directories reaped in %.2f s",
+                    len(self.report.pooled), len(self.report.leased), len(self.report.dropped),
+                    len(self.report.reaped_pids), len(self.report.removed_dirs),
+                    self.report.seconds)
+        return self.report
+
+    async def _adopt(self, record: dict[str, Any]) -> QemuVm | None:
+        vm_id = record["vm_id"]
+        try:
+            vm = QemuVm(VmSpec.from_record(record["spec"]), self.hypervisor.run_dir,
+                        self.hypervisor.timeouts, vm_id)
+            vm.cpus, vm.memory_mib = record["cpus"], record["memory_mib"]
+            await vm.adopt(int(record.get("pid") or 0))
+        except (VmFactoryError, KeyError, TypeError, ValueError) as exc:
+            logger.warning("recovery: vm %s not adopted: %s", vm_id, exc)
+            self.report.dropped.append(vm_id)
+            self.records.delete(vm_id)
+            return None
+        return vm
+
+    async def _place(self, vm: QemuVm, record: dict[str, Any]) -> None:
+        lr = record.get("lease")
+        if record["role"] == "leased" and lr:
+            self.leases.restore(Lease(lr["lease_id"], vm, lr["pool"], lr["source"], lr["client"],
+                                      lr["ttl_s"], lr["created"]))
+            await asyncio.to_thread(self.records.save, vm, "leased", lr["pool"], lr)
+            self.report.leased.append(vm.id)
+            return
+        pool = self.pools.get(record["pool"])
+        if record["role"] == "pooled" and pool is not None and pool.accepts(vm):
+            if vm.state is VmState.RUNNING and not pool.config.keep_running:
+                await vm.pause()
+            pool.adopt(vm)
+            await asyncio.to_thread(self.records.save, vm, "pooled", pool.name)
+            self.report.pooled.append(vm.id)
+            return
+        logger.info("recovery: vm %s has no pool or lease any more: stopping it", vm.id)
+        self.report.dropped.append(vm.id)
+        await vm.stop()
+
+    def _reap(self, adopted: set[str]) -> None:
+        run_dir = self.hypervisor.run_dir
+        marker = f"{run_dir}/"
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if "qemu-system" not in cmdline or marker not in cmdline:
+                continue
+            vm_id = cmdline.split(marker, 1)[1].split("/", 1)[0]
+            if vm_id not in adopted:
+                try:
+                    os.killpg(proc.info["pid"], signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    continue
+                self.report.reaped_pids.append(proc.info["pid"])
+        if run_dir.is_dir():
+            for entry in run_dir.iterdir():
+                if entry.is_dir() and entry.name not in adopted:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    self.report.removed_dirs.append(entry.name)
+
