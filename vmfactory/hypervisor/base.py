@@ -7,11 +7,8 @@ teardown: it undoes everything ``start()`` set up, in reverse.
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import os
 import secrets
-import signal
 import time
 from collections.abc import Callable
 from abc import ABC, abstractmethod
@@ -182,16 +179,6 @@ class Vm(ABC):
         Any state goes to STOPPED, except FAILED: a VM that failed to start was
         already torn down and keeps saying why it is gone.
         """
-
-
-async def kill_process_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL a child started with ``start_new_session=True`` and reap it."""
-    if proc.returncode is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        await proc.wait()
 
 
 class Hypervisor(ABC):

@@ -9,6 +9,7 @@ milliseconds; it is never used on the product's path.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import signal
 import sys
@@ -17,7 +18,8 @@ from typing import Any
 
 from vmfactory.agent import AgentClient
 from vmfactory.errors import HypervisorError
-from vmfactory.hypervisor.base import Hypervisor, Vm, VmState, kill_process_group
+from vmfactory.hypervisor.base import Hypervisor, Vm, VmState
+from vmfactory.hypervisor.proc import ChildProcess
 
 
 class ProcessVm(Vm):
@@ -25,7 +27,7 @@ class ProcessVm(Vm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._proc: ChildProcess | None = None
 
     @property
     def pid(self) -> int | None:
@@ -37,11 +39,11 @@ class ProcessVm(Vm):
         t0 = time.monotonic()
         try:
             self.run_dir.mkdir(mode=0o700, parents=True)
-            self._proc = await asyncio.create_subprocess_exec(
+            self._proc = ChildProcess(await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "vmfactory.guest.agent", "--standin",
                 "--listen", f"unix:{self.agent_socket}",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True))
             self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
             self.agent = AgentClient(f"unix:{self.agent_socket}", self.timeouts.agent_call)
             try:
@@ -58,13 +60,13 @@ class ProcessVm(Vm):
     async def pause(self) -> None:
         self._require("pause", VmState.RUNNING)
         assert self._proc is not None
-        self._proc.send_signal(signal.SIGSTOP)
+        os.kill(self._proc.pid, signal.SIGSTOP)
         self.state = VmState.PAUSED
 
     async def resume(self) -> None:
         self._require("resume", VmState.PAUSED)
         assert self._proc is not None
-        self._proc.send_signal(signal.SIGCONT)
+        os.kill(self._proc.pid, signal.SIGCONT)
         self.state = VmState.RUNNING
 
     async def stop(self) -> None:
@@ -82,7 +84,7 @@ class ProcessVm(Vm):
     async def _teardown(self) -> None:
         await self.disconnect_agent()
         if self._proc is not None:
-            await kill_process_group(self._proc)
+            await self._proc.kill()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
