@@ -76,3 +76,36 @@ def test_boot_failure_exits_1_with_one_line(tmp_path: Path, config: Config,
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("vmfactory: error: qemu-start: kernel not found")
+
+
+@pytest.mark.qemu
+def test_demo_serves_a_vm_from_the_warm_pool(tmp_path: Path, config: Config,
+                                             guest_image: GuestImage) -> None:
+    root = config.paths.run_dir
+    path = tmp_path / "demo.toml"
+    path.write_text(f"""
+[paths]
+run_dir = "{root}"
+template_dir = "{root / 'demo-templates'}"
+[vm]
+accel = "tcg"
+[daemon]
+socket = "{root / 'demo.sock'}"
+[store]
+url = "leveldb://{tmp_path / 'store.ldb'}"
+[[pools]]
+name = "demo"
+min_size = 1
+max_size = 1
+""")
+    before = set(root.iterdir())
+    proc = vmfactory("--config", str(path), "demo", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["source"] == "pool" and result["pool"] == "demo"
+    assert result["get_ms"] > 0 and result["template_build_s"] > 0
+    assert abs(result["clock_skew_ms"]) < 1000 and len(result["random"]) == 32
+    assert "GetVM over gRPC" in proc.stderr  # progress lines
+    # The daemon stopped everything: no socket, VM run directory, template or QEMU.
+    assert set(root.iterdir()) <= before
+    assert not qemu_pids_under(root)

@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     image.add_parser("info", help="show the current guest image")
 
+    demo = sub.add_parser("demo", help="the main job: a daemon with a warm pool, one VM "
+                                       "handed out over gRPC and used, timings printed")
+    demo.add_argument("--json", action="store_true", help="print one JSON object")
     sub.add_parser("init", help="run the factory daemon in the foreground")
     status = sub.add_parser("status", help="pools and VMs of the running daemon")
     status.add_argument("--json", action="store_true", help="print one JSON object")
@@ -142,6 +145,14 @@ def _destroy(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(config: Config, args: argparse.Namespace) -> int:
+    from vmfactory.demo import factory_demo, format_demo
+
+    result = asyncio.run(factory_demo(config))
+    print(json.dumps(result) if args.json else format_demo(result))
+    return 0
+
+
 def _boot(config: Config, args: argparse.Namespace) -> int:
     from vmfactory.demo import boot_once, format_boot
 
@@ -160,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             return _image(config, args)
         if args.command == "template":
             return _template(config, args)
-        handler = {"init": _init, "status": _status, "destroy": _destroy}.get(args.command)
+        handler = {"init": _init, "status": _status, "destroy": _destroy,
+                   "demo": _demo}.get(args.command)
         if handler is not None:
             return handler(config, args)
         return _boot(config, args)

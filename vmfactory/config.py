@@ -34,7 +34,7 @@ def _check_range(key: str, value: float, lo: float, hi: float) -> None:
 class PathsConfig:
     state_dir: Path = Path("/var/lib/vmfactory")
     run_dir: Path = Path("/run/vmfactory")
-    template_dir: Path = Path("/dev/shm/vmfactory/templates")
+    template_dir: Path = Path("/dev/shm/vmfactory-templates")
 
 
 @dataclass(frozen=True)

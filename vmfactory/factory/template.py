@@ -211,11 +211,10 @@ class Template:
         if self.state is TemplateState.CREATING:
             raise TemplateError(f"template {self.directory.name} is being created")
         _remove_template_dir(self.directory)
-        for parent in self.directory.parents[:2]:  # e.g. /dev/shm/vmfactory/templates
-            try:
-                parent.rmdir()  # only when empty: other templates stay
-            except OSError:
-                break
+        try:
+            self.directory.parent.rmdir()  # the template_dir, only when empty
+        except OSError:
+            pass
         self.record = {}
         self.state = TemplateState.DESTROYED
 
