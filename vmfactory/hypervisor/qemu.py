@@ -174,11 +174,16 @@ class QemuVm(Vm):
             await asyncio.sleep(QMP_RETRY_S)
         while True:
             qmp = QMPClient(f"vm-{self.id}")
+            # A refused attempt is expected while QEMU starts, and retried: keep the
+            # library from logging each one as an ERROR.
+            qmp.logger.setLevel(logging.CRITICAL)
             try:
                 await qmp.connect(str(self.qmp_socket))
             except ConnectError:
                 await asyncio.sleep(QMP_RETRY_S)
                 continue
+            finally:
+                qmp.logger.setLevel(logging.NOTSET)
             self._qmp = qmp
             return
 
