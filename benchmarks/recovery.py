@@ -14,7 +14,6 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import progress, save_json, table  # noqa: E402
 
 from runtime_client.factory_client import FactoryClient  # noqa: E402
+from vmfactory.server.grpc_service import socket_accepts  # noqa: E402
 
 
 def _config(root: Path, n: int) -> Path:
@@ -54,17 +54,11 @@ def _start(root: Path, config: Path) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-m", "vmfactory.cli", "--config", str(config),
                              "init"], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
-    while True:
-        probe = socket.socket(socket.AF_UNIX)
-        try:
-            probe.connect(str(root / "factory.sock"))
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("daemon did not start") from None
-            time.sleep(0.05)
-        finally:
-            probe.close()
+    while not socket_accepts(root / "factory.sock"):  # the killed daemon's may linger
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("daemon did not start")
+        time.sleep(0.05)
+    return proc
 
 
 async def _wait_ready(sock: str, n: int, timeout: float = 600) -> object:

@@ -194,10 +194,10 @@ class Pool:
             async with self._slots:
                 vm = await self.base.get_vm(self.vm_config)
             try:
-                # Reseed (clones share their template's RNG state until then), then
-                # run the handout path and a gRPC call once, so their guest code is
-                # already in TCG's translation cache when the handout comes.
-                await prepare_vm(vm)
+                # The base ran the get-VM sequence (reseeded: clones share their
+                # template's RNG state until then).  Run the handout path and a gRPC
+                # call once more, so their guest code is already in TCG's
+                # translation cache when the handout comes.
                 await prepare_vm(vm, reseed=False)
                 if vm.agent is not None:
                     await vm.agent.wait_ready(vm.timeouts.agent_call)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,7 @@ import pytest
 
 from tests.conftest import qemu_pids_under
 from vmfactory.guest.image import GuestImage
+from vmfactory.server.grpc_service import socket_accepts
 
 POOL_READY_TIMEOUT_S = 180.0
 
@@ -72,22 +72,12 @@ def start_daemon(root: Path, config: Path) -> DaemonProc:
                              "init"], stdout=log, stderr=subprocess.STDOUT)
     d = DaemonProc(root, config, proc)
     deadline = time.monotonic() + 60
-    while not _accepts(d.socket):  # a stale socket file may be there already
+    while not socket_accepts(d.socket):  # a stale socket file may be there already
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"daemon did not start:\n{d.log()}")
         time.sleep(0.05)
     return d
 
-
-def _accepts(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
 
 
 def assert_clean(root: Path) -> None:

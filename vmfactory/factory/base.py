@@ -16,7 +16,8 @@ class FactoryBase(ABC):
 
     @abstractmethod
     async def get_vm(self, config: VmConfig | None = None) -> Vm:
-        """A RUNNING VM for ``config`` whose agent answered."""
+        """A RUNNING VM for ``config`` whose agent answered, after the get-VM
+        sequence (factory/sequence.py): reseeded, clock set, grown to ``config``."""
 
     @abstractmethod
     def status(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from typing import Any
 from vmfactory.config import Config, VmConfig
 from vmfactory.errors import AgentError, FactoryError
 from vmfactory.factory.base import FactoryBase
+from vmfactory.factory.sequence import prepare_vm
 from vmfactory.factory.spec import resolve_spec
 from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec
 
@@ -40,6 +41,7 @@ class DirectFactory(FactoryBase):
         try:
             await vm.start()  # stops the VM itself on failure
             await self._verify(vm)
+            await prepare_vm(vm)  # the get-VM sequence, as every base runs it
         except BaseException:
             self.failed += 1
             await vm.stop()

@@ -100,11 +100,10 @@ class TemplateFactory(FactoryBase):
         if reason is not None:
             self.fallbacks[reason] += 1
             logger.info("request does not fit the template (%s): CreateNew", reason)
-            vm = await self.direct.get_vm(spec.vm)
-        else:
-            vm = await template.clone()
-            self.clones += 1
-            self._maybe_rotate()
+            return await self.direct.get_vm(spec.vm)  # booted at the size asked
+        vm = await template.clone()
+        self.clones += 1
+        self._maybe_rotate()
         await prepare_vm(vm, spec.vm)
         return vm
 

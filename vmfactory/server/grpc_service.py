@@ -81,21 +81,27 @@ class FactoryService(pb_grpc.FactoryServicer):
         return pb.QuitReply()
 
 
+def socket_accepts(path: Path) -> bool:
+    """Whether something accepts connections on the unix socket ``path`` now."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 def claim_socket(path: Path) -> None:
     """Refuse a socket another daemon answers on; remove a stale one."""
     if not path.exists() and not path.is_symlink():
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        logger.info("removing stale socket %s", path)
-        path.unlink()
-        return
-    finally:
-        probe.close()
-    raise DaemonError(f"another daemon is serving on {path}")
+    if socket_accepts(path):
+        raise DaemonError(f"another daemon is serving on {path}")
+    logger.info("removing stale socket %s", path)
+    path.unlink()
 
 
 def secure_socket(path: Path, mode: str, group: str) -> None:
