@@ -35,6 +35,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+async def _settled(client: FactoryClient, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    """A status taken while no pool is making a VM (checked before and after)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = await client.status()
+        await asyncio.sleep(0.2)
+        after = await client.status()
+        if all(p.refilling == 0 for p in (*before.pools, *after.pools)) and \
+                {v.pid for v in before.vms} == {v.pid for v in after.vms}:
+            return after
+        assert time.monotonic() < deadline, "pools never settled"
+        await asyncio.sleep(0.2)
+
+
 async def _churn(socket: str, stop: asyncio.Event) -> int:
     """get/release in a loop until stopped; errors are expected once the daemon dies."""
     cycles = 0
@@ -93,8 +107,10 @@ async def _crash_and_recover(root: Path, config: Path, d) -> None:  # type: igno
                 finally:
                     await agent.close()
             # Every QEMU under the daemon's directory is accounted for by a record.
-            known = {v.pid for v in status.vms}
-            assert set(qemu_pids_under(root)) == known
+            # Status lists pooled and leased VMs, not one a refill is making, so
+            # compare at a moment with no refill in flight.
+            status = await _settled(client)
+            assert set(qemu_pids_under(root)) == {v.pid for v in status.vms}
             assert {p.name for p in (root / "run").iterdir()} == {v.vm_id for v in status.vms}
             for h in leased:
                 await client.release(h.lease_id)
