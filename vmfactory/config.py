@@ -76,6 +76,7 @@ class TimeoutsConfig:
     shutdown: float = 10.0
     kvm_probe: float = 20.0
     migrate: float = 30.0
+    hotplug: float = 10.0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -12,8 +12,10 @@ import dataclasses
 import enum
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -37,6 +39,7 @@ from vmfactory.tasks import TaskOwner
 logger = logging.getLogger(__name__)
 
 LEASE_CHECK_S = 0.5
+DISK_SERIAL_RE = re.compile(r"^[A-Za-z0-9-]{1,20}$")
 
 
 class DaemonState(enum.Enum):
@@ -181,10 +184,31 @@ class Daemon:
             source, pool_name = ("clone" if vm.spec.incoming else "boot"), ""
         assert self.leases is not None
         try:
+            await vm.hand_over_agent()
             return await self.leases.add(vm, pool_name, source, req.client, req.lease_ttl_s)
         except BaseException:
             await asyncio.shield(vm.stop())  # not leased, so nobody would ever stop it
             raise
+
+    def _leased_vm(self, lease_id: str) -> Vm:
+        assert self.leases is not None
+        return self.leases.get(lease_id).vm
+
+    async def attach_disk(self, lease_id: str, path: str, serial: str, read_only: bool) -> str:
+        """Hot-plug a host image into a leased VM (the client's container root)."""
+        vm = self._leased_vm(lease_id)
+        image = Path(path)
+        if not image.is_absolute() or not image.is_file():
+            raise InvalidRequest(f"disk image must be an existing file given by absolute path: "
+                                 f"{path!r}")
+        if not DISK_SERIAL_RE.match(serial):
+            raise InvalidRequest(f"serial {serial!r} must be 1-20 of [A-Za-z0-9-]")
+        return await vm.attach_disk(image, serial, read_only)
+
+    async def detach_disk(self, lease_id: str, serial: str) -> None:
+        if not DISK_SERIAL_RE.match(serial):
+            raise InvalidRequest(f"serial {serial!r} must be 1-20 of [A-Za-z0-9-]")
+        await self._leased_vm(lease_id).detach_disk(serial)
 
     async def release(self, lease_id: str) -> None:
         assert self.leases is not None

@@ -63,6 +63,12 @@ class LeaseTable:
         """Take back a lease an earlier daemon recorded (crash recovery)."""
         self._leases[lease.id] = lease
 
+    def get(self, lease_id: str) -> Lease:
+        try:
+            return self._leases[lease_id]
+        except KeyError:
+            raise LeaseNotFound(f"no lease {lease_id!r}") from None
+
     def pop(self, lease_id: str) -> Lease:
         """Forget a lease; its record goes when its VM stops."""
         try:

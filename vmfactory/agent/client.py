@@ -43,6 +43,12 @@ class AgentClient:
         self.call_timeout = call_timeout
         self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = pb_grpc.AgentStub(self._channel)
+        self.containers = pb_grpc.ContainersStub(self._channel)
+
+    async def call(self, name: str, fn: Callable[..., Awaitable[T]], request: object,
+                   timeout: float | None = None) -> T:
+        """Any RPC on this channel (e.g. on :attr:`containers`), errors as AgentError."""
+        return await self._call(name, fn, request, timeout)
 
     async def _call(self, name: str, fn: Callable[..., Awaitable[T]], request: object,
                     timeout: float | None = None, wait: bool = False) -> T:

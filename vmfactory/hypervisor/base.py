@@ -141,6 +141,13 @@ class Vm(ABC):
             control, self.control = self.control, None
             await control.close()
 
+    async def hand_over_agent(self) -> None:
+        """Close the host's gRPC agent channel so a lessee can open its own: the
+        agent socket serves one host client at a time.  The control channel stays."""
+        if self.agent is not None:
+            agent, self.agent = self.agent, None
+            await agent.close()
+
     @property
     def agent_socket(self) -> Path:
         return self.run_dir / "agent.sock"
@@ -171,6 +178,14 @@ class Vm(ABC):
     async def hotplug(self, cpus: int, memory_mib: int) -> None:
         """Grow the VM to ``cpus`` vCPUs and ``memory_mib`` MiB (never shrinks)."""
         raise HypervisorError("hot-plug", f"{type(self).__name__} cannot hot-plug")
+
+    async def attach_disk(self, path: Path, serial: str, read_only: bool = True) -> str:
+        """Hot-plug a disk image the guest finds by ``serial``; return its device id."""
+        raise HypervisorError("attach-disk", f"{type(self).__name__} cannot hot-plug disks")
+
+    async def detach_disk(self, serial: str) -> None:
+        """Unplug a disk :meth:`attach_disk` added."""
+        raise HypervisorError("detach-disk", f"{type(self).__name__} cannot hot-plug disks")
 
     @abstractmethod
     async def stop(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import shlex
 import shutil
 import time
@@ -39,6 +40,11 @@ MEMORY_BLOCK_MIB = 128
 EXIT_SETTLE_S = 0.5
 # Memory hot-plug slots reserved in every VM so hot-plug works on clones too.
 MEMORY_SLOTS = 8
+# PCIe root ports for hot-plugged disks (one container root each); q35 cannot
+# hot-plug onto its root bus.  Part of every VM's device set, templates included.
+DISK_PORTS = 8
+DISK_POLL_S = 0.01
+SERIAL_RE = re.compile(r"^[A-Za-z0-9-]{1,20}$")  # virtio-blk serials hold 20 bytes
 
 
 def qemu_argv(spec: VmSpec, run_dir: Path, name: str) -> list[str]:
@@ -71,6 +77,8 @@ def qemu_argv(spec: VmSpec, run_dir: Path, name: str) -> list[str]:
         "-chardev", f"socket,id=ctl,path={run_dir / 'ctl.sock'},server=on,wait=off",
         "-device", f"virtserialport,chardev=ctl,name={CONTROL_PORT_NAME}",
         "-device", "vmgenid,id=vmgen0",
+        *(arg for i in range(DISK_PORTS)
+          for arg in ("-device", f"pcie-root-port,id=hp{i},chassis={i + 1},bus=pcie.0")),
         "-pidfile", str(run_dir / "qemu.pid"),
     ]
     if spec.incoming is not None:
@@ -312,6 +320,63 @@ class QemuVm(Vm):
                                         "size": size << 20})
         await self.qmp("device_add", driver="pc-dimm", id=f"dimm{index}", memdev=f"hpmem{index}")
         self.memory_mib += size
+
+    async def attach_disk(self, path: Path, serial: str, read_only: bool = True) -> str:
+        """Hot-plug ``path`` as a virtio-blk disk the guest finds by ``serial``;
+        return the device id."""
+        self._require("attach-disk", VmState.RUNNING, VmState.PAUSED)
+        if not SERIAL_RE.match(serial):
+            raise HypervisorError("attach-disk", f"serial {serial!r} must match {SERIAL_RE.pattern}")
+        if not path.is_file():
+            raise HypervisorError("attach-disk", f"disk image not found: {path}")
+        node = f"disk-{serial}"
+        await self.qmp("blockdev-add", **{
+            "node-name": node, "driver": "raw", "read-only": read_only,
+            "file": {"driver": "file", "filename": str(path), "read-only": read_only}})
+        try:
+            await self._plug_disk(node, serial)
+        except BaseException:
+            await asyncio.shield(self._drop_node(node))
+            raise
+        return node
+
+    async def _plug_disk(self, node: str, serial: str) -> None:
+        for port in range(DISK_PORTS):
+            try:
+                await self.qmp("device_add", driver="virtio-blk-pci", drive=node, id=node,
+                               bus=f"hp{port}", serial=serial)
+                return
+            except HypervisorError as exc:
+                if "not available" not in str(exc):  # that port is taken: try the next
+                    raise
+        raise HypervisorError("attach-disk", f"all {DISK_PORTS} disk ports are in use")
+
+    async def _drop_node(self, node: str, deadline: float = 0.0) -> None:
+        """Delete a block node; the unplugged device lets go of it a moment after
+        it left the device tree, so "in use" is retried until ``deadline``."""
+        while True:
+            try:
+                await self.qmp("blockdev-del", **{"node-name": node})
+                return
+            except HypervisorError as exc:
+                if "in use" in str(exc) and time.monotonic() < deadline:
+                    await asyncio.sleep(DISK_POLL_S)
+                    continue
+                logger.warning("vm %s: blockdev-del %s: %s", self.id, node, exc)
+                return
+
+    async def detach_disk(self, serial: str) -> None:
+        """Unplug a disk attach_disk added; the guest must have unmounted it."""
+        self._require("detach-disk", VmState.RUNNING, VmState.PAUSED)
+        node = f"disk-{serial}"
+        await self.qmp("device_del", id=node)
+        deadline = time.monotonic() + self.timeouts.hotplug
+        while any(d["name"] == node for d in await self.qmp("qom-list", path="/machine/peripheral")):
+            if time.monotonic() > deadline:
+                raise HypervisorError("detach-disk", f"the guest did not release {node} within "
+                                                     f"{self.timeouts.hotplug:g} s")
+            await asyncio.sleep(DISK_POLL_S)
+        await self._drop_node(node, deadline)
 
     async def pause(self) -> None:
         self._require("pause", VmState.RUNNING)

@@ -80,6 +80,17 @@ class FactoryService(pb_grpc.FactoryServicer):
         self.daemon.request_stop()
         return pb.QuitReply()
 
+    async def AttachDisk(self, request: pb.AttachDiskRequest,
+                         context: grpc.aio.ServicerContext) -> pb.AttachDiskReply:
+        device = await self.daemon.attach_disk(request.lease_id, request.path, request.serial,
+                                               request.read_only)
+        return pb.AttachDiskReply(device_id=device)
+
+    async def DetachDisk(self, request: pb.DetachDiskRequest,
+                         context: grpc.aio.ServicerContext) -> pb.DetachDiskReply:
+        await self.daemon.detach_disk(request.lease_id, request.serial)
+        return pb.DetachDiskReply()
+
 
 def socket_accepts(path: Path) -> bool:
     """Whether something accepts connections on the unix socket ``path`` now."""

@@ -19,6 +19,7 @@ import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -56,6 +57,18 @@ def _control_child(port: str) -> None:
         os._exit(1)
 
 
+def _launcher_child(sock: socket.socket) -> None:
+    """The forked launcher of container processes (see launch)."""
+    from vmfactory.guest.agent.launch import serve_launcher
+
+    try:
+        serve_launcher(sock)
+    except BaseException as exc:  # noqa: BLE001 - the process must not return
+        logger.error("launcher failed: %r", exc)
+    finally:
+        os._exit(1)
+
+
 def _bridge_child(port: str) -> None:
     """The forked bridge: wait for the server's socket, then relay forever."""
     try:
@@ -68,13 +81,24 @@ def _bridge_child(port: str) -> None:
         os._exit(1)
 
 
-async def _watch_children(pids: list[int]) -> None:
-    """A dead bridge or control loop makes the agent unreachable: exit, so the
-    failure is visible (PID 1 exiting ends the VM)."""
-    loop = asyncio.get_running_loop()
-    pid, status = await loop.run_in_executor(None, os.wait)
-    logger.error("agent child %d exited (status %d): agent exiting", pid, status)
-    os._exit(1)
+def _start_reaper(critical: list[int]) -> None:
+    """Reap every child on SIGCHLD: the agent is the guest's PID 1, so orphans and
+    container monitors are its children.  A dead bridge or control loop makes the
+    agent unreachable: exit then, so the failure is visible (the VM ends)."""
+    def reap() -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in critical:
+                logger.error("agent child %d exited (status %d): agent exiting", pid, status)
+                os._exit(1)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGCHLD, reap)
+    reap()
 
 
 def _write_ready(boot: object) -> None:
@@ -86,7 +110,8 @@ def _write_ready(boot: object) -> None:
     os.rename(tmp, READY_FILE)
 
 
-async def serve(args: argparse.Namespace, agent_start: float, children: list[int]) -> None:
+async def serve(args: argparse.Namespace, agent_start: float, children: list[int],
+                launcher_sock: socket.socket | None) -> None:
     import grpc
 
     from vmfactory.guest.agent.service import AgentService
@@ -98,6 +123,12 @@ async def serve(args: argparse.Namespace, agent_start: float, children: list[int
                           agent_start_s=agent_start)
     server = grpc.aio.server()
     pb_grpc.add_AgentServicer_to_server(AgentService(platform, boot), server)
+    if launcher_sock is not None:  # containers need the guest: mounts, namespaces
+        from vmfactory.guest.agent.container_service import ContainerService
+        from vmfactory.guest.agent.containers import ContainerManager
+        from vmfactory.guest.agent.launch import Launcher
+        manager = ContainerManager(Launcher(launcher_sock))
+        pb_grpc.add_ContainersServicer_to_server(ContainerService(manager), server)
     address = args.listen or f"unix:{GUEST_LOCAL_SOCKET}"
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"agent: cannot listen on {address}")
@@ -106,10 +137,9 @@ async def serve(args: argparse.Namespace, agent_start: float, children: list[int
     if children:
         _write_ready(boot)
     logger.info("agent ready on %s (%s), uptime %.2fs", address, platform.name, boot.agent_ready_s)
-    if not children:
-        await server.wait_for_termination()
-    else:
-        await asyncio.gather(server.wait_for_termination(), _watch_children(children))
+    if children:
+        _start_reaper(children)
+    await server.wait_for_termination()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="vmfactory-agent: %(message)s")
     children: list[int] = []
+    # Containers are forked from this process after gRPC started: keep gRPC's
+    # fork handlers off (the forked side never touches gRPC).
+    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+    launcher_sock = None
     if not args.listen:
         # Fork before grpc is imported: the children never touch grpc state.
         for port_name, child in ((args.port_name, _bridge_child),
@@ -126,7 +160,14 @@ def main(argv: list[str] | None = None) -> int:
             if pid == 0:
                 child(port)
             children.append(pid)
-    asyncio.run(serve(args, agent_start, children))
+        launcher_sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            launcher_sock.close()
+            _launcher_child(theirs)
+        theirs.close()
+        children.append(pid)
+    asyncio.run(serve(args, agent_start, children, launcher_sock))
     return 0
 
 

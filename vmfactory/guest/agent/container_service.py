@@ -1,0 +1,226 @@
+"""The Containers gRPC service: converts messages and delegates to the manager."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+
+from vmfactory.guest.agent.containers import ContainerManager
+from vmfactory.guest.agent.errors import BadRequest, ContainerError
+from vmfactory.guest.agent.launch import ProcessPlan
+from vmfactory.guest.agent.process import GuestProcess, read_chunks
+from vmfactory.proto import agent_pb2 as pb
+from vmfactory.proto import agent_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_ARG_BYTES = 128 * 1024
+OUT_QUEUE = 16
+
+
+def process_plan(msg: pb.Process) -> ProcessPlan:
+    if not msg.args:
+        raise BadRequest("process.args must not be empty")
+    size = sum(len(a) for a in (*msg.args, *msg.env, msg.cwd))
+    if size > MAX_ARG_BYTES or any("\0" in a for a in (*msg.args, *msg.env, msg.cwd)):
+        raise BadRequest("process args/env/cwd too long or contain NUL")
+    env = {}
+    for entry in msg.env:
+        key, sep, value = entry.partition("=")
+        if not key or not sep:
+            raise BadRequest(f"env entry {entry!r} is not KEY=VALUE")
+        env[key] = value
+    cwd = msg.cwd or "/"
+    if not cwd.startswith("/"):
+        raise BadRequest(f"cwd {cwd!r} must be absolute")
+    return ProcessPlan(args=list(msg.args), env=env, cwd=cwd, uid=msg.user.uid,
+                       gid=msg.user.gid, groups=list(msg.user.additional_gids),
+                       terminal=msg.terminal)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    try:
+        yield
+    except ContainerError as exc:
+        raise _Abort(getattr(grpc.StatusCode, exc.code), str(exc)) from exc
+    except OSError as exc:
+        raise _Abort(grpc.StatusCode.INTERNAL, f"{exc}") from exc
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+def _ns_pid(guest_pid: int) -> tuple[int, int, str, str]:
+    """(PID in the innermost namespace, parent PID there, state, command line)."""
+    status = Path(f"/proc/{guest_pid}/status").read_text()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    ns_pid = int(fields["NSpid"].split()[-1])
+    cmdline = Path(f"/proc/{guest_pid}/cmdline").read_bytes().replace(b"\0", b" ").strip()
+    return ns_pid, int(fields["PPid"]), fields["State"].split()[0], cmdline.decode(errors="replace")
+
+
+class ContainerService(pb_grpc.ContainersServicer):
+    """Implements vmfactory.agent.v1.Containers."""
+
+    def __init__(self, manager: ContainerManager) -> None:
+        self.manager = manager
+
+    async def _run(self, context: grpc.aio.ServicerContext, coro):  # type: ignore[no-untyped-def]
+        try:
+            with _errors():
+                return await coro
+        except _Abort as exc:
+            await context.abort(exc.code, exc.details)
+
+    async def CreateContainer(self, request: pb.CreateContainerRequest,
+                              context: grpc.aio.ServicerContext) -> pb.CreateContainerReply:
+        async def create() -> pb.CreateContainerReply:
+            p = request.process
+            container = await self.manager.create(
+                request.container_id, request.disk_serial, request.hostname, process_plan(p),
+                p.stdio, p.rows, p.cols, request.disk_timeout_s)
+            assert container.init is not None
+            return pb.CreateContainerReply(pid=container.init.pid)
+        return await self._run(context, create())
+
+    async def StartContainer(self, request: pb.StartContainerRequest,
+                             context: grpc.aio.ServicerContext) -> pb.StartContainerReply:
+        await self._run(context, self.manager.start(request.container_id))
+        return pb.StartContainerReply()
+
+    async def RemoveContainer(self, request: pb.RemoveContainerRequest,
+                              context: grpc.aio.ServicerContext) -> pb.RemoveContainerReply:
+        await self._run(context, self.manager.remove(request.container_id, request.force))
+        return pb.RemoveContainerReply()
+
+    async def ExecProcess(self, request: pb.ExecProcessRequest,
+                          context: grpc.aio.ServicerContext) -> pb.ExecProcessReply:
+        async def run() -> pb.ExecProcessReply:
+            p = request.process
+            proc = await self.manager.exec(request.container_id, request.exec_id,
+                                           process_plan(p), p.stdio, p.rows, p.cols)
+            return pb.ExecProcessReply(pid=proc.pid)
+        return await self._run(context, run())
+
+    async def _process(self, container_id: str, exec_id: str) -> GuestProcess:
+        return self.manager.get(container_id).process(exec_id)
+
+    async def SignalProcess(self, request: pb.SignalProcessRequest,
+                            context: grpc.aio.ServicerContext) -> pb.SignalProcessReply:
+        async def send() -> None:
+            self.manager.signal(request.container_id, request.exec_id, request.signal,
+                                request.all)
+        await self._run(context, send())
+        return pb.SignalProcessReply()
+
+    async def WaitProcess(self, request: pb.WaitProcessRequest,
+                          context: grpc.aio.ServicerContext) -> pb.WaitProcessReply:
+        proc = await self._run(context, self._process(request.container_id, request.exec_id))
+        code = await asyncio.shield(proc.exited)
+        return pb.WaitProcessReply(exit_code=code)
+
+    async def ResizeTty(self, request: pb.ResizeTtyRequest,
+                        context: grpc.aio.ServicerContext) -> pb.ResizeTtyReply:
+        async def resize() -> None:
+            if not (0 < request.rows < 65536 and 0 < request.cols < 65536):
+                raise BadRequest("rows and cols must be 1-65535")
+            (await self._process(request.container_id, request.exec_id)).resize(
+                request.rows, request.cols)
+        await self._run(context, resize())
+        return pb.ResizeTtyReply()
+
+    async def ListContainers(self, request: pb.ListContainersRequest,
+                             context: grpc.aio.ServicerContext) -> pb.ListContainersReply:
+        out = []
+        for c in self.manager.containers.values():
+            init = c.init
+            out.append(pb.ContainerInfo(
+                container_id=c.id, state=c.state.value, pid=init.pid if init else 0,
+                exit_code=(init.exit_code if init and init.exit_code is not None else -1),
+                exec_ids=sorted(c.execs)))
+        return pb.ListContainersReply(containers=out)
+
+    async def ListProcesses(self, request: pb.ListProcessesRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ListProcessesReply:
+        container = await self._run(context, self._get(request.container_id))
+        out = []
+        for guest_pid in self.manager.guest_pids(container):
+            try:
+                pid, ppid, state, cmd = _ns_pid(guest_pid)
+            except (OSError, KeyError, ValueError):
+                continue  # exited while we looked
+            out.append(pb.ProcessInfo(pid=pid, guest_pid=guest_pid, ppid=ppid, state=state,
+                                      cmdline=cmd))
+        out.sort(key=lambda p: p.pid)
+        return pb.ListProcessesReply(processes=out)
+
+    async def _get(self, container_id: str):  # type: ignore[no-untyped-def]
+        return self.manager.get(container_id)
+
+    async def IoStream(self, request_iterator: AsyncIterator[pb.IoInput],
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IoOutput]:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        proc = await self._run(context, self._process(first.container_id, first.exec_id))
+        try:
+            with _errors():
+                stdio = proc.claim_io()
+        except _Abort as exc:
+            await context.abort(exc.code, exc.details)
+        feeder = asyncio.ensure_future(self._feed(proc, first, request_iterator))
+        try:
+            async for item in _merge(stdio.stdout, stdio.stderr):
+                yield item
+        finally:
+            if not feeder.done():
+                feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
+
+    @staticmethod
+    async def _feed(proc: GuestProcess, first: pb.IoInput,
+                    requests: AsyncIterator[pb.IoInput]) -> None:
+        msg: pb.IoInput | None = first
+        while msg is not None:
+            if msg.stdin:
+                await proc.feed_stdin(msg.stdin)
+            if msg.close_stdin:
+                proc.close_stdin()
+            msg = await anext(requests, None)
+
+
+async def _merge(stdout: int | None, stderr: int | None) -> AsyncIterator[pb.IoOutput]:
+    """stdout and stderr chunks as they come, until both reach EOF."""
+    queue: asyncio.Queue[pb.IoOutput | None] = asyncio.Queue(OUT_QUEUE)
+
+    async def pump(fd: int, field: str) -> None:
+        try:
+            async for chunk in read_chunks(fd):
+                await queue.put(pb.IoOutput(**{field: chunk}))
+        except OSError as exc:
+            logger.warning("%s relay failed: %s", field, exc)
+        await queue.put(None)  # not on cancellation: then nobody reads the queue
+
+    tasks = [asyncio.ensure_future(pump(fd, name))
+             for fd, name in ((stdout, "stdout"), (stderr, "stderr")) if fd is not None]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
