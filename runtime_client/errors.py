@@ -29,14 +29,33 @@ class DaemonUnavailable(ClientError):
     """No daemon answers, or it is shutting down (UNAVAILABLE)."""
 
 
+class ContainerError(ClientError):
+    """The request does not fit the container's state, or its program could not
+    run (FAILED_PRECONDITION, ALREADY_EXISTS)."""
+
+
+class SandboxError(ClientError):
+    """A sandbox cannot do this: wrong state, its VM is gone, a mode mismatch."""
+
+
 _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.DEADLINE_EXCEEDED: NoVmInTime,
     grpc.StatusCode.UNAVAILABLE: DaemonUnavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: ContainerError,
+    grpc.StatusCode.ALREADY_EXISTS: ContainerError,
 }
 
 
-def from_rpc_error(exc: grpc.aio.AioRpcError) -> ClientError:
+def from_rpc_error(exc: grpc.aio.AioRpcError, peer: str = "") -> ClientError:
+    """The ClientError for a failed call; ``peer`` names who answered (e.g. "agent")."""
     cls = _BY_CODE.get(exc.code(), ClientError)
-    return cls(f"{exc.code().name}: {exc.details()}", exc.code())
+    if cls is DaemonUnavailable and peer and peer != "daemon":
+        cls = SandboxError
+    prefix = f"{peer}: " if peer else ""
+    return cls(f"{prefix}{exc.code().name}: {exc.details()}", exc.code())
+
+
+class BundleError(ClientError):
+    """The OCI bundle is unusable: bad config.json, missing rootfs, ..."""

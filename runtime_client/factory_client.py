@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,6 +40,16 @@ class FactoryClient:
 
     async def release(self, lease_id: str) -> None:
         await self._call(self._stub.ReleaseVM, pb.ReleaseVMRequest(lease_id=lease_id))
+
+    async def attach_disk(self, lease_id: str, path: Path, serial: str) -> str:
+        """Hot-plug a read-only disk image into the leased VM."""
+        request = pb.AttachDiskRequest(lease_id=lease_id, path=str(path), serial=serial,
+                                       read_only=True)
+        return (await self._call(self._stub.AttachDisk, request)).device_id
+
+    async def detach_disk(self, lease_id: str, serial: str) -> None:
+        await self._call(self._stub.DetachDisk,
+                         pb.DetachDiskRequest(lease_id=lease_id, serial=serial))
 
     async def status(self) -> pb.StatusReply:
         return await self._call(self._stub.Status, pb.StatusRequest())

@@ -117,6 +117,8 @@ class PoolConfig:
     keep_running: bool = False
     # An empty pool makes the caller wait (up to its deadline) or boots/clones directly.
     empty: EmptyPolicy = "wait"
+    # Run one throwaway container in each VM before it is pooled (see factory/warmup.py).
+    warm_containers: bool = True
 
     def __post_init__(self) -> None:
         _check_range(f"pools.{self.name}.min_size", self.min_size, 0, 1000)
@@ -164,6 +166,36 @@ class StoreConfig:
     url: str = "leveldb:///var/lib/vmfactory/store.ldb"
 
 
+ShimMode = Literal["noopshim", "katashim", "katashimbuiltin", "ccshim"]
+ProxyMode = Literal["noProxy", "kataProxy", "kataProxyBuiltin", "noopProxy", "ccProxy"]
+Fallback = Literal["createnew", "fail"]
+# Kata's deprecated names, accepted and mapped (with a warning where they are used).
+SHIM_ALIASES = {"ccshim": "katashim"}
+PROXY_ALIASES = {"ccProxy": "kataProxy"}
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """The runtime client (``vmfactory-runtime``): modes, records, fallback."""
+
+    shim: ShimMode = "katashimbuiltin"
+    proxy: ProxyMode = "noProxy"
+    # No daemon answering: boot a VM in the client process (createnew) or fail.
+    fallback: Fallback = "createnew"
+    # Sandbox and container records (file:// lets several client processes share them).
+    store: str = "file:///var/lib/vmfactory/sandboxes"
+    # How long GetVM may wait for the daemon's pool.
+    get_vm_timeout_s: float = 60.0
+    # Read-only root images of bundles kept in the cache.
+    image_cache_keep: int = 16
+
+    def __post_init__(self) -> None:
+        _check_range("runtime.get_vm_timeout_s", self.get_vm_timeout_s, 0.1, 3600)
+        _check_range("runtime.image_cache_keep", self.image_cache_keep, 1, 10000)
+        if not self.store.startswith(("file://", "leveldb://")):
+            raise ConfigError("runtime.store", f"{self.store!r}: use file:///path or leveldb:///path")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole vmfactory configuration."""
@@ -175,6 +207,7 @@ class Config:
     template: TemplateConfig = field(default_factory=TemplateConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     pools: tuple[PoolConfig, ...] = (PoolConfig(),)
 
     def __post_init__(self) -> None:

@@ -23,6 +23,7 @@ from vmfactory.errors import FactoryError, VmFactoryError
 from vmfactory.events import EventBus, PoolEvent
 from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.sequence import prepare_vm
+from vmfactory.factory.warmup import warm_container_path
 from vmfactory.hypervisor.base import Vm, VmState
 from vmfactory.records import VmRecords
 from vmfactory.tasks import TaskOwner
@@ -64,6 +65,7 @@ class Pool:
         self.ready: deque[Vm] = deque()
         self.refilling = 0
         self.handouts = self.misses = self.replaced = self.failures = 0
+        self.warmup_failures = 0
         self.state = PoolState.CREATED
         self._changed = asyncio.Condition()
         self._kick_event = asyncio.Event()
@@ -189,6 +191,18 @@ class Pool:
                                            f"{self._mem_floor_mib} MiB")
         return False
 
+    async def _warm(self, vm: Vm) -> None:
+        """Translate the container path ahead of the lessee (see factory/warmup).  A
+        failure costs the speed-up, not the VM: it passed every other check."""
+        try:
+            ms = await warm_container_path(vm)
+        except VmFactoryError as exc:
+            self.warmup_failures += 1
+            self._emit("warmup-failed", vm.id, str(exc))
+            logger.warning("pool %s: container warm-up of vm %s failed: %s", self.name, vm.id, exc)
+            return
+        logger.debug("pool %s: vm %s container path warmed in %.0f ms", self.name, vm.id, ms)
+
     async def _refill_one(self) -> None:
         try:
             async with self._slots:
@@ -201,6 +215,8 @@ class Pool:
                 await prepare_vm(vm, reseed=False)
                 if vm.agent is not None:
                     await vm.agent.wait_ready(vm.timeouts.agent_call)
+                if self.config.warm_containers:
+                    await self._warm(vm)
                 if not self.config.keep_running:
                     await vm.pause()
             except BaseException:

@@ -37,7 +37,9 @@ class DaemonProc:
 
 
 def write_config(root: Path, extra: str = "", min_size: int = 2, max_size: int = 3,
-                 store: str = "file") -> Path:
+                 store: str = "file", runtime: str = "") -> Path:
+    """A daemon (and runtime client) config under ``root``; ``extra`` goes into the
+    "small" pool's table, ``runtime`` into ``[runtime]``."""
     store_url = f"file://{root / 'store'}" if store == "file" else f"leveldb://{root / 'store.ldb'}"
     path = root / "vmfactory.toml"
     path.write_text(f"""
@@ -51,6 +53,9 @@ socket = "{root / 'factory.sock'}"
 health_interval_s = 0.2
 [store]
 url = "{store_url}"
+[runtime]
+store = "file://{root / 'client'}"
+{runtime}
 [[pools]]
 name = "small"
 min_size = {min_size}

@@ -8,6 +8,9 @@ $BB mount -t proc proc /proc
 read INIT_UPTIME _rest < /proc/uptime
 $BB mount -t sysfs sysfs /sys
 $BB mount -t devtmpfs devtmpfs /dev
+# Terminals for containers (run -t): the agent opens pseudo-terminal pairs here.
+$BB mkdir -p /dev/pts
+$BB mount -t devpts -o mode=0620,ptmxmode=0666 devpts /dev/pts
 
 fail() {
     echo "vmfactory-init: FAILED: $*" > /dev/console

@@ -343,8 +343,11 @@ class QemuVm(Vm):
     async def _plug_disk(self, node: str, serial: str) -> None:
         for port in range(DISK_PORTS):
             try:
+                # addr 0: a root port has one slot; without it QEMU would put a
+                # second device on another slot of a taken port, which the guest
+                # never scans, instead of refusing.
                 await self.qmp("device_add", driver="virtio-blk-pci", drive=node, id=node,
-                               bus=f"hp{port}", serial=serial)
+                               bus=f"hp{port}", addr="0", serial=serial)
                 return
             except HypervisorError as exc:
                 if "not available" not in str(exc):  # that port is taken: try the next

@@ -173,9 +173,13 @@ class ContainerManager:
         plan = _plan(process, stdio, status_w, err_w)
         plan.root, plan.hostname, plan.start_fd = str(container.rootfs), hostname, start_r
         proc.launch(self.launcher, plan, status_r, err_r)
-        done, _ = await asyncio.wait({proc.root_ready, proc.exited}, timeout=SETUP_TIMEOUT_S,
+        # Both the monitor's "P" (the init's PID) and the init's "R" (root ready).
+        ready = asyncio.ensure_future(asyncio.gather(asyncio.shield(proc.started),
+                                                     asyncio.shield(proc.root_ready)))
+        done, _ = await asyncio.wait({ready, proc.exited}, timeout=SETUP_TIMEOUT_S,
                                      return_when=asyncio.FIRST_COMPLETED)
-        if proc.root_ready not in done or proc.root_ready.exception() is not None:
+        if ready not in done or ready.exception() is not None:
+            ready.cancel()
             why = await proc.exec_error() if proc.exited.done() else ""
             raise ExecFailed(why or f"container {container.id}: init did not start in time")
 
@@ -216,6 +220,11 @@ class ContainerManager:
             await proc.exited
             proc.close()
             raise ExecFailed(why)
+        # Its PID (the monitor's "P") may come just after the exec itself.
+        await asyncio.wait({proc.started, proc.exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not proc.started.done() or proc.started.exception() is not None:
+            proc.close()
+            raise ExecFailed(f"process {exec_id} in container {container_id} did not start")
         container.execs[exec_id] = proc
         return proc
 

@@ -1,0 +1,253 @@
+"""Sandboxes: a VM (from the daemon's pool, or booted here) holding containers.
+
+:class:`Runtime` is the entry point a container runtime embeds.  Every sandbox
+and container is recorded as it changes, so another client process can list,
+stop or delete what a crashed client left (``Runtime.open_sandbox``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from runtime_client.agent import AgentConnection
+from runtime_client.bundle import Bundle, ImageCache
+from runtime_client.container import Container, ContainerState
+from runtime_client.errors import ClientError, NotFound, SandboxError
+from runtime_client.factory_client import FactoryClient
+from runtime_client.proxies import Proxy, canonical_proxy, make_proxy
+from runtime_client.records import ClientRecords, check_name
+from runtime_client.shims import Shim, canonical_shim, make_shim
+from runtime_client.vm import SandboxVm, obtain_vm, reap_owned, reattach_vm
+from vmfactory.config import Config
+from vmfactory.store import open_store
+
+logger = logging.getLogger(__name__)
+
+
+class SandboxState(enum.Enum):
+    CREATING = "creating"
+    READY = "ready"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class Sandbox:
+    """One VM and the containers in it; made by :class:`Runtime`."""
+
+    def __init__(self, runtime: Runtime, sandbox_id: str, proxy: Proxy,
+                 vm: SandboxVm | None, vm_record: dict[str, Any]) -> None:
+        self.runtime = runtime
+        self.id = sandbox_id
+        self.proxy = proxy
+        self.vm = vm
+        self.vm_record = vm_record
+        self.state = SandboxState.CREATING
+        self.conn: AgentConnection | None = None
+        self.created = time.time()
+        self.timings: dict[str, float] = {}
+
+    @property
+    def directory(self) -> Path:
+        return self.runtime.sandbox_dir(self.id)
+
+    @property
+    def shim(self) -> Shim:
+        return self.runtime.shim
+
+    def record(self) -> dict[str, Any]:
+        vm = self.vm.record() if self.vm is not None else self.vm_record
+        return {"id": self.id, "state": self.state.value, "created": self.created,
+                "owner_pid": os.getpid(), "vm": vm, "proxy": self.proxy.record(),
+                "shim": self.shim.name}
+
+    def save(self) -> None:
+        self.runtime.records.save_sandbox(self.record())
+
+    def _require(self, action: str, *states: SandboxState) -> None:
+        if self.state not in states:
+            raise SandboxError(f"sandbox {self.id} is {self.state.value}: cannot {action}")
+
+    async def connect(self) -> AgentConnection:
+        """The agent connection (through the proxy mode), opened on first use."""
+        if self.conn is None:
+            address = await self.proxy.start()
+            conn = AgentConnection(address, self.runtime.config.timeouts.agent_call)
+            try:
+                await conn.ping(self.runtime.config.timeouts.agent_ready)
+            except BaseException:
+                await conn.close()
+                raise
+            self.conn = conn
+        return self.conn
+
+    async def machine(self) -> SandboxVm:
+        """The VM, re-attached from the record when another process made it."""
+        if self.vm is None:
+            self.vm = await reattach_vm(self.runtime.config, self.runtime.factory, self.vm_record)
+        return self.vm
+
+    async def create_container(self, bundle: Bundle, name: str, *,
+                               args: list[str] | None = None, terminal: bool | None = None,
+                               rows: int = 0, cols: int = 0) -> Container:
+        """Hot-plug the bundle's root and create (not start) its first process."""
+        self._require("create a container", SandboxState.READY)
+        check_name("container", name)
+        if self.runtime.records.has_container(name):
+            raise SandboxError(f"a container named {name!r} exists")
+        container = Container.prepare(self, bundle, name, args, terminal, rows, cols)
+        await container.create(await self.machine(), await self.connect())
+        return container
+
+    async def container(self, name: str) -> Container:
+        record = self.runtime.records.container(name)
+        if record["sandbox"] != self.id:
+            raise NotFound(f"container {name!r} is not in sandbox {self.id}")
+        return Container.from_record(self, record)
+
+    def containers(self) -> list[dict[str, Any]]:
+        return self.runtime.records.containers(self.id)
+
+    async def stop(self) -> None:
+        """Remove every container (killing what runs), stop the proxy and the VM."""
+        if self.state is SandboxState.STOPPED:
+            return
+        self.state = SandboxState.STOPPING
+        self.save()
+        try:
+            await self._remove_containers()
+        finally:
+            await self.disconnect()
+            await self.proxy.stop()
+            await self._stop_vm()
+            self.state = SandboxState.STOPPED
+            self.save()
+        logger.info("sandbox %s stopped", self.id)
+
+    async def _remove_containers(self) -> None:
+        for record in self.containers():
+            try:
+                container = Container.from_record(self, record)
+                await container.remove(force=True, vm_going=True)
+            except ClientError as exc:  # the VM may be gone: records must go anyway
+                logger.warning("sandbox %s: container %s: %s", self.id, record["name"], exc)
+                self.runtime.records.delete_container(record["name"])
+
+    async def _stop_vm(self) -> None:
+        try:
+            await (await self.machine()).stop()
+        except ClientError as exc:
+            logger.warning("sandbox %s: %s", self.id, exc)
+            if self.vm_record.get("kind") == "owned":
+                reap_owned(self.vm_record)
+
+    async def delete(self) -> None:
+        """Stop if needed, then forget the sandbox; idempotent."""
+        await self.stop()
+        self.runtime.records.delete_sandbox(self.id)
+        shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            self.directory.parent.rmdir()  # the last sandbox leaves no trace either
+        except OSError:
+            pass  # other sandboxes still there
+
+    async def disconnect(self) -> None:
+        """Close this process's agent connection (the sandbox keeps running)."""
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            await conn.close()
+        if self.proxy.name == "kataProxyBuiltin":
+            await self.proxy.stop()  # it lives in this process; a later client makes its own
+
+
+class Runtime:
+    """Sandboxes and containers on factory VMs."""
+
+    def __init__(self, config: Config, *, shim: str | None = None,
+                 proxy: str | None = None) -> None:
+        self.config = config
+        self.shim = make_shim(canonical_shim(shim or config.runtime.shim))
+        self.proxy_mode = canonical_proxy(proxy or config.runtime.proxy)
+        if self.shim.needs_shared_agent and self.proxy_mode not in ("kataProxy",
+                                                                    "kataProxyBuiltin"):
+            raise SandboxError(f"{self.shim.name} needs a proxy that serves several host "
+                               f"clients (kataProxy or kataProxyBuiltin), not {self.proxy_mode}")
+        self.records = ClientRecords(open_store(config.runtime.store))
+        self.factory = FactoryClient(str(config.daemon.socket))
+        self.images = ImageCache(config.paths.state_dir / "bundle-images")
+        self._open: dict[str, Sandbox] = {}
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.config.paths.run_dir / "sandboxes" / sandbox_id
+
+    async def create_sandbox(self, sandbox_id: str | None = None) -> Sandbox:
+        """A sandbox on a VM from the daemon (CreateNew here if none answers)."""
+        sandbox_id = check_name("sandbox", sandbox_id or secrets.token_hex(6))
+        if self.records.has_sandbox(sandbox_id):
+            raise SandboxError(f"a sandbox named {sandbox_id!r} exists")
+        t0 = time.monotonic()
+        vm = await obtain_vm(self.config, self.factory, f"runtime:{os.getpid()}")
+        directory = self.sandbox_dir(sandbox_id)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sandbox = Sandbox(self, sandbox_id, make_proxy(self.proxy_mode, vm.agent_socket,
+                                                       directory), vm, vm.record())
+        sandbox.timings["get_vm_ms"] = (time.monotonic() - t0) * 1000
+        try:
+            sandbox.save()
+            await sandbox.connect()
+        except BaseException:
+            await asyncio.shield(sandbox.delete())
+            raise
+        sandbox.state = SandboxState.READY
+        sandbox.save()
+        self._open[sandbox_id] = sandbox
+        logger.info("sandbox %s ready on vm %s (%s) in %.0f ms", sandbox_id, vm.vm_id, vm.source,
+                    sandbox.timings["get_vm_ms"])
+        return sandbox
+
+    async def open_sandbox(self, sandbox_id: str) -> Sandbox:
+        """A recorded sandbox, possibly made by another (maybe dead) client process."""
+        if sandbox_id in self._open:
+            return self._open[sandbox_id]
+        record = self.records.sandbox(sandbox_id)
+        vm_record = record["vm"]
+        proxy = make_proxy(record["proxy"]["mode"], Path(vm_record["agent_socket"]),
+                           self.sandbox_dir(sandbox_id), record["proxy"])
+        sandbox = Sandbox(self, sandbox_id, proxy, None, vm_record)
+        sandbox.state = SandboxState(record["state"])
+        sandbox.created = record.get("created", sandbox.created)
+        self._open[sandbox_id] = sandbox
+        return sandbox
+
+    async def open_container(self, name: str) -> Container:
+        record = self.records.container(name)
+        sandbox = await self.open_sandbox(record["sandbox"])
+        return Container.from_record(sandbox, record)
+
+    def sandboxes(self) -> list[dict[str, Any]]:
+        return self.records.sandboxes()
+
+    async def close(self) -> None:
+        """Disconnect from every sandbox (they keep running) and close the store."""
+        for sandbox in list(self._open.values()):
+            await sandbox.disconnect()
+        self._open.clear()
+        self.images.prune(self.config.runtime.image_cache_keep)
+        await self.factory.close()
+        self.records.store.close()
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+__all__ = ["Runtime", "Sandbox", "SandboxState", "ContainerState"]
