@@ -7,7 +7,7 @@ import enum
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -95,15 +95,16 @@ class Container:
     def save(self) -> None:
         self.sandbox.runtime.records.save_container(self.record())
 
-    async def create(self, vm: SandboxVm, conn: AgentConnection) -> None:
+    async def create(self, vm: SandboxVm, conn: Awaitable[AgentConnection]) -> None:
         """Record, hot-plug the root, create in the guest; undone on failure."""
         self.save()  # first: a crash from here on leaves a record to clean up
         t0 = time.monotonic()
         try:
             await vm.attach_disk(self.image, self.serial)
             self.timings["attach_ms"] = (time.monotonic() - t0) * 1000
-            await conn.create_container(self.name, self.serial, self.hostname, self.process,
-                                        self.sandbox.runtime.config.timeouts.hotplug)
+            await (await conn).create_container(self.name, self.serial, self.hostname,
+                                                self.process,
+                                                self.sandbox.runtime.config.timeouts.hotplug)
         except BaseException:
             await asyncio.shield(self._undo_create(vm))
             raise

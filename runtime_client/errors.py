@@ -48,6 +48,15 @@ _BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
 }
 
 
+def ended_during_write(exc: grpc.aio.AioRpcError) -> bool:
+    """Whether ``exc`` is grpc aio's report of a request write that raced with the
+    normal end of a bidirectional call (e.g. stdin sent as the process exited):
+    grpc then overwrites the server's OK with INTERNAL (grpc/grpc#36066).  It is
+    raised only after the response stream reached its end: no response is lost."""
+    return (exc.code() == grpc.StatusCode.INTERNAL
+            and "SendMessageOperation" in (exc.debug_error_string() or ""))
+
+
 def from_rpc_error(exc: grpc.aio.AioRpcError, peer: str = "") -> ClientError:
     """The ClientError for a failed call; ``peer`` names who answered (e.g. "agent")."""
     cls = _BY_CODE.get(exc.code(), ClientError)

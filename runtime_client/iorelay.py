@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from runtime_client.agent import AgentConnection
-from runtime_client.errors import ClientError
+from runtime_client.errors import ClientError, ended_during_write
 from vmfactory.proto import agent_pb2 as pb
 
 _LOG = logging.getLogger(__name__)
@@ -123,16 +123,9 @@ async def _relay(conn: AgentConnection, container_id: str, exec_id: str, stdin: 
 
 
 def _ended_during_write(exc: ClientError) -> bool:
-    """Whether ``exc`` is grpc aio's report of a stdin write that raced with the
-    normal end of the stream (the process exited, the agent finished the call):
-    it then overwrites the agent's OK with INTERNAL (grpc/grpc#36066).  That
-    status is only raised after the response stream reached its end, so no
-    output is missing."""
+    """The spurious INTERNAL of grpc/grpc#36066 (see errors.ended_during_write)."""
     cause = exc.__cause__
-    if not isinstance(cause, grpc.aio.AioRpcError):
-        return False
-    return (cause.code() == grpc.StatusCode.INTERNAL
-            and "SendMessageOperation" in (cause.debug_error_string() or ""))
+    return isinstance(cause, grpc.aio.AioRpcError) and ended_during_write(cause)
 
 
 async def _closed_stdin() -> AsyncIterator[pb.IoInput]:

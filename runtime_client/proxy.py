@@ -28,7 +28,7 @@ from typing import IO, Any, NoReturn
 import grpc
 import psutil
 
-from runtime_client.errors import ClientError
+from runtime_client.errors import ClientError, ended_during_write
 
 _LOG = logging.getLogger(__name__)
 
@@ -174,6 +174,11 @@ class AgentProxy:
         try:
             await _relay_responses(call, context)
         except grpc.aio.AioRpcError as exc:
+            if ended_during_write(exc):
+                # Every response was relayed and the upstream ended OK; grpc only
+                # misreported it because our request write raced with that end.
+                _LOG.debug("%s: upstream ended as a request was written", method)
+                return
             _LOG.debug("%s: upstream ended with %s", method, exc.code().name)
             await context.abort(exc.code(), exc.details() or "",
                                 _forwardable(exc.trailing_metadata()))

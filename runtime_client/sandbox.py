@@ -51,6 +51,7 @@ class Sandbox:
         self.vm_record = vm_record
         self.state = SandboxState.CREATING
         self.conn: AgentConnection | None = None
+        self._connect_lock = asyncio.Lock()
         self.created = time.time()
         self.timings: dict[str, float] = {}
 
@@ -77,16 +78,24 @@ class Sandbox:
 
     async def connect(self) -> AgentConnection:
         """The agent connection (through the proxy mode), opened on first use."""
-        if self.conn is None:
-            address = await self.proxy.start()
-            conn = AgentConnection(address, self.runtime.config.timeouts.agent_call)
-            try:
-                await conn.ping(self.runtime.config.timeouts.agent_ready)
-            except BaseException:
-                await conn.close()
-                raise
-            self.conn = conn
+        async with self._connect_lock:
+            if self.conn is None:
+                await self._open_connection()
+        assert self.conn is not None
         return self.conn
+
+    async def _open_connection(self) -> None:
+        before = self.proxy.record()
+        address = await self.proxy.start()
+        if self.proxy.record() != before:
+            self.save()  # a proxy process started: another client must be able to stop it
+        conn = AgentConnection(address, self.runtime.config.timeouts.agent_call)
+        try:
+            await conn.ping(self.runtime.config.timeouts.agent_ready)
+        except BaseException:
+            await conn.close()
+            raise
+        self.conn = conn
 
     async def machine(self) -> SandboxVm:
         """The VM, re-attached from the record when another process made it."""
@@ -102,8 +111,17 @@ class Sandbox:
         check_name("container", name)
         if self.runtime.records.has_container(name):
             raise SandboxError(f"a container named {name!r} exists")
-        container = Container.prepare(self, bundle, name, args, terminal, rows, cols)
-        await container.create(await self.machine(), await self.connect())
+        # The agent connection (a new session through the VM's port) opens while
+        # the root image is found or built and hot-plugged.
+        connecting = asyncio.ensure_future(self.connect())
+        try:
+            container = await asyncio.to_thread(Container.prepare, self, bundle, name, args,
+                                                terminal, rows, cols)
+            await container.create(await self.machine(), connecting)
+        finally:
+            if not connecting.done():
+                connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
         return container
 
     async def container(self, name: str) -> Container:
@@ -201,7 +219,6 @@ class Runtime:
         sandbox.timings["get_vm_ms"] = (time.monotonic() - t0) * 1000
         try:
             sandbox.save()
-            await sandbox.connect()
         except BaseException:
             await asyncio.shield(sandbox.delete())
             raise

@@ -93,6 +93,8 @@ accel = "tcg"
 socket = "{root / 'demo.sock'}"
 [store]
 url = "leveldb://{tmp_path / 'store.ldb'}"
+[runtime]
+store = "file://{tmp_path / 'client'}"
 [[pools]]
 name = "demo"
 min_size = 1
@@ -106,6 +108,11 @@ max_size = 1
     assert result["get_ms"] > 0 and result["template_build_s"] > 0
     assert abs(result["clock_skew_ms"]) < 1000 and len(result["random"]) == 32
     assert "GetVM over gRPC" in proc.stderr  # progress lines
+    # The main job ends with a container: its output relayed, its exit code, timings.
+    container = result["container"]
+    assert container["exit_code"] == 0 and container["source"] == "pool"
+    assert container["output"].startswith("hello from demo-") and "PID 2," in container["output"]
+    assert 0 < container["create_ms"] < container["first_output_ms"]
     # The daemon stopped everything: no socket, VM run directory, template or QEMU.
     assert set(root.iterdir()) <= before
     assert not qemu_pids_under(root)
