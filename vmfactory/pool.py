@@ -204,6 +204,18 @@ class Pool:
         logger.debug("pool %s: vm %s container path warmed in %.0f ms", self.name, vm.id, ms)
 
     async def _refill_one(self) -> None:
+        # ``refilling`` drops only once the VM is in ``ready`` (or failed): in
+        # between, the refill loop would count the pool short and make one more.
+        try:
+            vm = await self._make_one()
+            if vm is not None:
+                await self._add_ready(vm)
+        finally:
+            self.refilling -= 1
+            self._kick()
+
+    async def _make_one(self) -> Vm | None:
+        """A VM for the pool, ready to hand out; None (counted, reported) on failure."""
         try:
             async with self._slots:
                 vm = await self.base.get_vm(self.vm_config)
@@ -226,10 +238,10 @@ class Pool:
             self.failures += 1
             self._emit("refill-failed", detail=str(exc))
             logger.error("pool %s: refill failed: %s", self.name, exc)
-            return
-        finally:
-            self.refilling -= 1
-            self._kick()
+            return None
+        return vm
+
+    async def _add_ready(self, vm: Vm) -> None:
         if self.state is not PoolState.RUNNING:
             await vm.stop()
             return
