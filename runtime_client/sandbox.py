@@ -91,7 +91,9 @@ class Sandbox:
             self.save()  # a proxy process started: another client must be able to stop it
         conn = AgentConnection(address, self.runtime.config.timeouts.agent_call)
         try:
-            await conn.ping(self.runtime.config.timeouts.agent_ready)
+            # The VM's agent answered its factory moments ago: one call's time is
+            # enough, and a sandbox whose VM died fails in seconds, not minutes.
+            await conn.ping(self.runtime.config.timeouts.agent_call)
         except BaseException:
             await conn.close()
             raise

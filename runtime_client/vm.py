@@ -23,7 +23,7 @@ from runtime_client.factory_client import FactoryClient
 from vmfactory.config import Config
 from vmfactory.errors import VmFactoryError
 from vmfactory.factory.direct import DirectFactory
-from vmfactory.hypervisor.base import VmSpec, VmState
+from vmfactory.hypervisor.base import VmSpec
 from vmfactory.hypervisor.qemu import QemuHypervisor, QemuVm
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class OwnedVm(SandboxVm):
 
     kind = "owned"
 
-    def __init__(self, vm: QemuVm, source: str) -> None:  # noqa: D107
+    def __init__(self, vm: QemuVm, source: str) -> None:
         super().__init__(vm.id, vm.agent_socket, vm.pid or 0, source)
         self.vm = vm
 
@@ -178,5 +178,4 @@ def reap_owned(record: dict[str, Any]) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-__all__ = ["SandboxVm", "LeasedVm", "OwnedVm", "obtain_vm", "reattach_vm", "reap_owned",
-           "VmState"]
+__all__ = ["SandboxVm", "LeasedVm", "OwnedVm", "obtain_vm", "reattach_vm", "reap_owned"]
