@@ -5,71 +5,30 @@ from __future__ import annotations
 import asyncio
 import os
 import platform as host_platform
-import shutil
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import psutil
 import pytest
-import pytest_asyncio
 
+from tests import standin
+from tests.standin import SPEC, processes_under
 from vmfactory import __version__
 from vmfactory.agent import AgentClient
-from vmfactory.config import TimeoutsConfig, VmConfig
+from vmfactory.config import TimeoutsConfig
 from vmfactory.errors import AgentError, HypervisorError, VmStateError
-from vmfactory.hypervisor.base import VmSpec, VmState
+from vmfactory.hypervisor.base import VmState
 from vmfactory.hypervisor.process import ProcessHypervisor, ProcessVm
 from vmfactory.proto import agent_pb2 as pb
 from vmfactory.proto import agent_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(60)
 
-TIMEOUTS = TimeoutsConfig(agent_ready=30.0, agent_call=5.0)
-SPEC = VmSpec(vm=VmConfig(), kernel=Path("/nonexistent/kernel"), initrd=Path("/nonexistent/initrd"),
-              rootfs=Path("/nonexistent/rootfs"), accel="tcg")
+# The stand-in VM's fixtures, used here by name.
+run_root, hypervisor, vm = standin.run_root, standin.hypervisor, standin.vm
+
 HOUR_NS = 3600 * 10**9
-
-
-def agent_processes(run_dir: Path) -> list[psutil.Process]:
-    """Live (non-zombie) agent processes of ours whose socket is under ``run_dir``."""
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if (child.status() != psutil.STATUS_ZOMBIE
-                    and any(str(run_dir) in arg for arg in child.cmdline())):
-                out.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
-@pytest.fixture(scope="module")
-def run_root() -> Iterator[Path]:
-    """A short run dir: unix socket paths are limited to 108 bytes."""
-    root = Path(tempfile.mkdtemp(prefix="vmf-", dir="/tmp"))
-    yield root
-    leftovers = agent_processes(root)
-    for proc in leftovers:
-        proc.kill()
-    shutil.rmtree(root, ignore_errors=True)
-    assert not leftovers, f"agent processes left running: {leftovers}"
-
-
-@pytest.fixture(scope="module")
-def hypervisor(run_root: Path) -> ProcessHypervisor:
-    return ProcessHypervisor(run_root, TIMEOUTS)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def vm(hypervisor: ProcessHypervisor) -> AsyncIterator[ProcessVm]:
-    """One running stand-in shared by the read-mostly tests (each restores what it changes)."""
-    machine = hypervisor.create_vm(SPEC)
-    await machine.start()
-    yield machine
-    await machine.stop()
 
 
 def address(machine: ProcessVm) -> str:
@@ -303,7 +262,7 @@ async def test_failed_start_cleans_up(run_root: Path) -> None:
     assert machine.state is VmState.FAILED
     assert machine.pid is None and machine.agent is None
     assert not machine.run_dir.exists()
-    assert agent_processes(machine.run_dir) == []
+    assert processes_under(machine.run_dir) == []
     await machine.stop()  # still fine, nothing left to undo
     assert not machine.run_dir.exists()
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -24,61 +22,24 @@ import pytest_asyncio
 from runtime_client.errors import ClientError
 from runtime_client.proxy import AgentProxy, ProxyError, spawn_proxy, stop_proxy
 from vmfactory import __version__
-from vmfactory.config import TimeoutsConfig, VmConfig
-from vmfactory.hypervisor.base import VmSpec
 from vmfactory.hypervisor.process import ProcessHypervisor, ProcessVm
 from vmfactory.proto import agent_pb2 as pb
 from vmfactory.proto import agent_pb2_grpc as pb_grpc
 
+from tests import standin
+from tests.standin import SPEC, processes_under
+
 pytestmark = pytest.mark.timeout(60)
 
-TIMEOUTS = TimeoutsConfig(agent_ready=30.0, agent_call=5.0)
-SPEC = VmSpec(vm=VmConfig(), kernel=Path("/nonexistent/kernel"), initrd=Path("/nonexistent/initrd"),
-              rootfs=Path("/nonexistent/rootfs"), accel="tcg")
+# The stand-in VM's fixtures, used here by name.
+run_root, hypervisor, vm = standin.run_root, standin.hypervisor, standin.vm
+
 PROXY_MODULE = "runtime_client.proxy"
 
 
-def our_processes(root: Path) -> list[psutil.Process]:
-    """Live (non-zombie) descendants of ours whose command line mentions ``root``."""
-    out = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if (child.status() != psutil.STATUS_ZOMBIE
-                    and any(str(root) in arg for arg in child.cmdline())):
-                out.append(child)
-        except psutil.NoSuchProcess:
-            continue
-    return out
-
-
 def proxy_processes(listen: Path) -> list[psutil.Process]:
-    return [p for p in our_processes(listen.parent) if PROXY_MODULE in p.cmdline()
+    return [p for p in processes_under(listen.parent) if PROXY_MODULE in p.cmdline()
             and str(listen) in p.cmdline()]
-
-
-@pytest.fixture(scope="module")
-def run_root() -> Iterator[Path]:
-    """A short run dir: unix socket paths are limited to 108 bytes."""
-    root = Path(tempfile.mkdtemp(prefix="vmf-", dir="/tmp"))
-    yield root
-    leftovers = our_processes(root)
-    for proc in leftovers:
-        proc.kill()
-    shutil.rmtree(root, ignore_errors=True)
-    assert not leftovers, f"processes left running: {leftovers}"
-
-
-@pytest.fixture(scope="module")
-def hypervisor(run_root: Path) -> ProcessHypervisor:
-    return ProcessHypervisor(run_root, TIMEOUTS)
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def vm(hypervisor: ProcessHypervisor) -> AsyncIterator[ProcessVm]:
-    machine = hypervisor.create_vm(SPEC)
-    await machine.start()
-    yield machine
-    await machine.stop()
 
 
 def agent_address(machine: ProcessVm) -> str:
