@@ -147,12 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="vmfactory-agent: %(message)s")
     children: list[int] = []
-    # Containers are forked from this process after gRPC started: keep gRPC's
-    # fork handlers off (the forked side never touches gRPC).
-    os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
     launcher_sock = None
     if not args.listen:
-        # Fork before grpc is imported: the children never touch grpc state.
+        # Fork before grpc is imported: the children never touch grpc state, and
+        # the launcher, which forks every container process, stays small.
         for port_name, child in ((args.port_name, _bridge_child),
                                  (CONTROL_PORT_NAME, _control_child)):
             port = find_port(port_name)
