@@ -1,12 +1,16 @@
-"""Helpers shared by the benchmarks: statistics, output files, progress."""
+"""Helpers shared by the benchmarks: statistics, output files, progress, daemons."""
 
 from __future__ import annotations
 
 import json
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
+
+from vmfactory.server.grpc_service import socket_accepts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -37,3 +41,25 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
 
 def progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
+
+
+
+def spawn_daemon(config: Path, socket: Path, log: Path,
+                 timeout: float = 60.0) -> subprocess.Popen[bytes]:
+    """``vmfactory init`` on ``config`` as a child process, its output appended to
+    ``log``; returns once ``socket`` accepts (a killed daemon's stale socket file
+    does not count).  A daemon that exits or misses ``timeout`` is killed, and the
+    RuntimeError names its log."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmfactory.cli", "--config", str(config), "init"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=str(Path(__file__).resolve().parent.parent))
+    deadline = time.monotonic() + timeout
+    while not socket_accepts(socket):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"daemon did not start; see {log}")
+        time.sleep(0.05)
+    return proc

@@ -50,9 +50,10 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common import RESULTS, progress, save_json, stats, table  # noqa: E402
+from common import RESULTS, progress, save_json, spawn_daemon, stats, table  # noqa: E402
 
 from runtime_client.factory_client import FactoryClient  # noqa: E402
+from vmfactory.config import scratch_config  # noqa: E402
 
 PREFIX = "pool:"
 # The benchmark stops a phase when the host's available memory drops under this.
@@ -172,46 +173,25 @@ class DaemonRun:
         self.keep_running, self.empty = keep_running, empty
         self.root = Path(tempfile.mkdtemp(prefix="vmfb-", dir="/tmp"))
         self.socket = self.root / "factory.sock"
-        self.config = self.root / "vmfactory.toml"
         self.log_path = self.root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.config.write_text(f"""
-[paths]
-run_dir = "{self.root / 'run'}"
-template_dir = "{self.root / 'templates'}"
-[vm]
-accel = "tcg"
-[daemon]
-socket = "{self.socket}"
-mem_floor_mib = {MEM_FLOOR_MIB}
-[store]
-url = "leveldb://{self.root / 'store.ldb'}"
-[[pools]]
-name = "bench"
-min_size = {min_size}
-max_size = {max_size}
-keep_running = {'true' if keep_running else 'false'}
-empty = "{empty}"
-""")
+        self.config = scratch_config(self.root, {
+            "vm": {"accel": "tcg"}, "daemon": {"mem_floor_mib": MEM_FLOOR_MIB},
+            "store": {"url": f"leveldb://{self.root / 'store.ldb'}"},
+            "pools": [{"name": "bench", "min_size": min_size, "max_size": max_size,
+                       "keep_running": keep_running, "empty": empty}]})
 
     def describe(self) -> dict[str, Any]:
         return {"min_size": self.min_size, "max_size": self.max_size,
                 "keep_running": self.keep_running, "empty": self.empty}
 
     async def start(self) -> None:
-        log = open(self.log_path, "wb")
+        self.log_path.unlink(missing_ok=True)
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmfactory.cli", "--config", str(self.config), "init"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=str(Path(__file__).resolve().parent.parent))
-        finally:
-            log.close()
-        deadline = time.monotonic() + DAEMON_START_S
-        while not self.socket.is_socket():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.label}: daemon did not start:\n{self.log()[-2000:]}")
-            await asyncio.sleep(0.05)
+            self.proc = await asyncio.to_thread(spawn_daemon, self.config, self.socket,
+                                                self.log_path, DAEMON_START_S)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{self.label}: {exc}:\n{self.log()[-2000:]}") from exc
         progress(f"{PREFIX} {self.label}: daemon pid {self.proc.pid} serving on {self.socket} "
                  f"(pool {self.min_size}..{self.max_size}, keep_running="
                  f"{str(self.keep_running).lower()}, empty={self.empty})")

@@ -22,43 +22,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import progress, save_json, table  # noqa: E402
+from common import progress, save_json, spawn_daemon, table  # noqa: E402
 
 from runtime_client.factory_client import FactoryClient  # noqa: E402
-from vmfactory.server.grpc_service import socket_accepts  # noqa: E402
+from vmfactory.config import scratch_config  # noqa: E402
 
 
 def _config(root: Path, n: int) -> Path:
-    path = root / "vmfactory.toml"
-    path.write_text(f"""
-[paths]
-run_dir = "{root / 'run'}"
-template_dir = "{root / 'templates'}"
-[vm]
-accel = "tcg"
-[daemon]
-socket = "{root / 'factory.sock'}"
-mem_floor_mib = 2048
-[store]
-url = "leveldb://{root / 'store.ldb'}"
-[[pools]]
-name = "bench"
-min_size = {n}
-max_size = {n}
-""")
-    return path
+    return scratch_config(root, {
+        "vm": {"accel": "tcg"}, "daemon": {"mem_floor_mib": 2048},
+        "store": {"url": f"leveldb://{root / 'store.ldb'}"},
+        "pools": [{"name": "bench", "min_size": n, "max_size": n}]})
 
 
 def _start(root: Path, config: Path) -> subprocess.Popen[bytes]:
-    log = open(root / "daemon.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "vmfactory.cli", "--config", str(config),
-                             "init"], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while not socket_accepts(root / "factory.sock"):  # the killed daemon's may linger
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("daemon did not start")
-        time.sleep(0.05)
-    return proc
+    return spawn_daemon(config, root / "factory.sock", root / "daemon.log")
 
 
 async def _wait_ready(sock: str, n: int, timeout: float = 600) -> object:

@@ -41,15 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
-from common import RESULTS, progress, save_json, stats, table  # noqa: E402
+from common import RESULTS, progress, save_json, spawn_daemon, stats, table  # noqa: E402
 
 from runtime_client.bundle import Bundle, ImageCache, load_bundle  # noqa: E402
 from runtime_client.factory_client import FactoryClient  # noqa: E402
 from runtime_client.sandbox import Runtime  # noqa: E402
 from runtime_client.busybox import make_busybox_bundle  # noqa: E402
-from vmfactory.config import Config, load_config  # noqa: E402
+from vmfactory.config import Config, load_config, scratch_config  # noqa: E402
 from vmfactory.guest.image import GuestImage, ImageBuilder  # noqa: E402
-from vmfactory.server.grpc_service import socket_accepts  # noqa: E402
 
 ARGS = ["echo", "first"]
 SOURCES = ("cold", "clone", "pool")
@@ -62,57 +61,37 @@ POOL_FILL_S = 600
 SEGMENTS = ("get_vm", "sandbox_record", "disk_attach", "connect_and_create",
             "start_to_first_byte")
 BREAKDOWN = ("get_vm_ms", "attach_ms", "create_ms", "start_ms", "first_byte_ms", "exit_ms")
-POOLS = {
-    "cold": "",
+POOLS: dict[str, list[dict[str, Any]]] = {
+    "cold": [],  # no daemon runs
     # Another size than the runtime asks for: GetVM clones the template now.
-    "clone": 'name = "other"\ncpus = 2\nmin_size = 0\nmax_size = 1\n',
-    "pool": f'name = "warm"\nmin_size = {POOL_MIN}\nmax_size = {POOL_MIN}\n',
+    "clone": [{"name": "other", "cpus": 2, "min_size": 0, "max_size": 1}],
+    "pool": [{"name": "warm", "min_size": POOL_MIN, "max_size": POOL_MIN}],
 }
 
 
 def write_config(root: Path, phase: str, guest: GuestImage) -> Path:
     """A config for ``phase``; cold points the daemon socket at a path nobody serves."""
-    sock = root / ("none.sock" if phase == "cold" else "factory.sock")
-    pools = f"[[pools]]\n{POOLS[phase]}" if POOLS[phase] else ""
-    path = root / f"{phase}.toml"
-    path.write_text(f"""
-[paths]
-state_dir = "{root / 'state'}"
-run_dir = "{root / 'run'}"
-template_dir = "{root / 'templates'}"
-[image]
-kernel = "{guest.kernel}"
-initrd = "{guest.initrd}"
-rootfs = "{guest.rootfs}"
-[vm]
-accel = "tcg"
-[daemon]
-socket = "{sock}"
-mem_floor_mib = 512
-[store]
-url = "file://{root / ('store-' + phase)}"
-[runtime]
-store = "file://{root / 'client'}"
-fallback = "createnew"
-get_vm_timeout_s = 600.0
-{pools}""")
-    return path
+    overrides: dict[str, Any] = {
+        "paths": {"state_dir": str(root / "state")},
+        "image": {"kernel": str(guest.kernel), "initrd": str(guest.initrd),
+                  "rootfs": str(guest.rootfs)},
+        "vm": {"accel": "tcg"},
+        "daemon": {"socket": str(root / ("none.sock" if phase == "cold" else "factory.sock")),
+                   "mem_floor_mib": 512},
+        "store": {"url": f"file://{root / ('store-' + phase)}"},
+        "runtime": {"fallback": "createnew", "get_vm_timeout_s": 600.0},
+    }
+    if POOLS[phase]:
+        overrides["pools"] = POOLS[phase]
+    return scratch_config(root, overrides, name=f"{phase}.toml")
 
 
 @contextmanager
 def daemon(root: Path, config: Path, label: str) -> Iterator[subprocess.Popen[bytes]]:
     """A daemon process serving ``config``; SIGTERM'd and awaited on exit."""
-    log = open(root / f"daemon-{label}.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "vmfactory.cli", "--config", str(config),
-                             "init"], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, cwd=str(REPO))
-    log.close()
+    proc = spawn_daemon(config, root / "factory.sock", root / f"daemon-{label}.log",
+                        DAEMON_START_S)
     try:
-        deadline = time.monotonic() + DAEMON_START_S
-        while not socket_accepts(root / "factory.sock"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{label} daemon did not start; see daemon-{label}.log")
-            time.sleep(0.05)
         progress(f"run: {label} daemon pid {proc.pid} serving")
         yield proc
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import qemu_pids_under
-from vmfactory.config import Config
+from vmfactory.config import Config, scratch_config
 from vmfactory.guest.image import GuestImage
 
 
@@ -82,24 +82,13 @@ def test_boot_failure_exits_1_with_one_line(tmp_path: Path, config: Config,
 def test_demo_serves_a_vm_from_the_warm_pool(tmp_path: Path, config: Config,
                                              guest_image: GuestImage) -> None:
     root = config.paths.run_dir
-    path = tmp_path / "demo.toml"
-    path.write_text(f"""
-[paths]
-run_dir = "{root}"
-template_dir = "{root / 'demo-templates'}"
-[vm]
-accel = "tcg"
-[daemon]
-socket = "{root / 'demo.sock'}"
-[store]
-url = "leveldb://{tmp_path / 'store.ldb'}"
-[runtime]
-store = "file://{tmp_path / 'client'}"
-[[pools]]
-name = "demo"
-min_size = 1
-max_size = 1
-""")
+    # Sockets go under the session's short run root (unix path limit), records in tmp_path.
+    path = scratch_config(tmp_path, {
+        "paths": {"run_dir": str(root), "template_dir": str(root / "demo-templates")},
+        "vm": {"accel": "tcg"},
+        "daemon": {"socket": str(root / "demo.sock")},
+        "store": {"url": f"leveldb://{tmp_path / 'store.ldb'}"},
+        "pools": [{"name": "demo", "min_size": 1, "max_size": 1}]})
     before = set(root.iterdir())
     proc = vmfactory("--config", str(path), "demo", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]

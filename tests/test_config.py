@@ -9,6 +9,7 @@ import pytest
 
 from vmfactory.config import (
     DEFAULT_CONFIG, Config, ImageConfig, PathsConfig, TimeoutsConfig, VmConfig, build, load_config,
+    scratch_config, to_toml,
 )
 from vmfactory.errors import ConfigError, VmFactoryError
 
@@ -214,3 +215,25 @@ def test_build_rejects_non_table_root() -> None:
 
 def test_build_single_section() -> None:
     assert build(PathsConfig, {"state_dir": "/x"}, "paths.") == PathsConfig(state_dir=Path("/x"))
+
+
+def test_scratch_config_keeps_everything_under_root(tmp_path: Path) -> None:
+    path = scratch_config(tmp_path, {"vm": {"accel": "tcg"},
+                                     "pools": [{"name": "p", "min_size": 1, "max_size": 1}]})
+    assert path == tmp_path / "vmfactory.toml"
+    config = load_config(path)
+    assert config.paths.run_dir == tmp_path / "run"
+    assert config.paths.template_dir == tmp_path / "templates"
+    assert config.daemon.socket == tmp_path / "factory.sock"
+    assert config.store.url == f"file://{tmp_path / 'store'}"
+    assert config.runtime.store == f"file://{tmp_path / 'client'}"
+    assert config.vm.accel == "tcg" and [p.name for p in config.pools] == ["p"]
+    # The file is complete, not a fragment: it equals what the daemon reports.
+    assert path.read_text() == to_toml(config)
+
+
+def test_scratch_config_rejects_bad_overrides_without_writing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        scratch_config(tmp_path, {"daemon": {"refill_concurrency": 0}})
+    assert info.value.key == "daemon.refill_concurrency"
+    assert not (tmp_path / "vmfactory.toml").exists()

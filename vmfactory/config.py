@@ -317,3 +317,21 @@ def to_toml(config: Config) -> str:
                 lines.append(f"{sub.name} = {_toml_value(getattr(table, sub.name))}")
             lines.append("")
     return "\n".join(lines)
+
+
+def scratch_config(root: Path, overrides: dict[str, Any] | None = None,
+                   name: str = "vmfactory.toml") -> Path:
+    """Write a complete, validated config to ``root / name`` whose run directory,
+    templates, daemon socket and record stores all live under ``root``, with
+    ``overrides`` merged over that: a daemon that needs no system paths (tests,
+    benchmarks).  Raises ConfigError like :func:`load_config`."""
+    under_root = {
+        "paths": {"run_dir": str(root / "run"), "template_dir": str(root / "templates")},
+        "daemon": {"socket": str(root / "factory.sock")},
+        "store": {"url": f"file://{root / 'store'}"},
+        "runtime": {"store": f"file://{root / 'client'}"},
+    }
+    config = load_config(overrides=_merge(under_root, overrides or {}))
+    path = root / name
+    path.write_text(to_toml(config))
+    return path

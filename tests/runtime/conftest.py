@@ -47,12 +47,11 @@ CLIENT_MODULES = ("runtime_client.proxy", "runtime_client.shim")
 def write_runtime_config(root: Path, min_size: int = 2, max_size: int = 3) -> Path:
     """The server tests' daemon config, which the CLI reads too, with a stricter
     ``[runtime]``."""
-    return write_config(root, min_size=min_size, max_size=max_size, runtime="""
-# A test must never silently boot its own VM in the client.
-fallback = "fail"
-# TCG refills are slow when tests take VMs back to back.
-get_vm_timeout_s = 300.0
-""")
+    return write_config(root, min_size=min_size, max_size=max_size, runtime={
+        # A test must never silently boot its own VM in the client.
+        "fallback": "fail",
+        # TCG refills are slow when tests take VMs back to back.
+        "get_vm_timeout_s": 300.0})
 
 
 @dataclass

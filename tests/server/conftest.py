@@ -12,10 +12,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import qemu_pids_under
+from vmfactory.config import scratch_config
 from vmfactory.guest.image import GuestImage
 from vmfactory.server.grpc_service import socket_accepts
 
@@ -36,39 +38,19 @@ class DaemonProc:
         return (self.root / "daemon.log").read_text(errors="replace")
 
 
-def write_config(root: Path, extra: str = "", min_size: int = 2, max_size: int = 3,
-                 store: str = "file", runtime: str = "") -> Path:
-    """A daemon (and runtime client) config under ``root``; ``extra`` goes into the
-    "small" pool's table, ``runtime`` into ``[runtime]``."""
-    store_url = f"file://{root / 'store'}" if store == "file" else f"leveldb://{root / 'store.ldb'}"
-    path = root / "vmfactory.toml"
-    path.write_text(f"""
-[paths]
-run_dir = "{root / 'run'}"
-template_dir = "{root / 'templates'}"
-[vm]
-accel = "tcg"
-[daemon]
-socket = "{root / 'factory.sock'}"
-health_interval_s = 0.2
-[store]
-url = "{store_url}"
-[runtime]
-store = "file://{root / 'client'}"
-{runtime}
-[[pools]]
-name = "small"
-min_size = {min_size}
-max_size = {max_size}
-{extra}
-# Never refilled (min_size 0): requests for 2 vCPUs find it empty.
-[[pools]]
-name = "empty"
-cpus = 2
-min_size = 0
-max_size = 1
-""")
-    return path
+def write_config(root: Path, min_size: int = 2, max_size: int = 3, store: str = "file",
+                 runtime: dict[str, Any] | None = None) -> Path:
+    """A daemon (and runtime client) config under ``root``; ``runtime`` is merged
+    into ``[runtime]``."""
+    return scratch_config(root, {
+        "vm": {"accel": "tcg"},
+        "daemon": {"health_interval_s": 0.2},
+        "store": {"url": f"leveldb://{root / 'store.ldb'}"} if store == "leveldb" else {},
+        "runtime": runtime or {},
+        "pools": [{"name": "small", "min_size": min_size, "max_size": max_size},
+                  # Never refilled (min_size 0): requests for 2 vCPUs find it empty.
+                  {"name": "empty", "cpus": 2, "min_size": 0, "max_size": 1}],
+    })
 
 
 def start_daemon(root: Path, config: Path) -> DaemonProc:
