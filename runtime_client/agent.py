@@ -14,17 +14,11 @@ from typing import Any, TypeVar
 import grpc
 
 from runtime_client.errors import ClientError, SandboxError, from_rpc_error
+from vmfactory.agent.client import CHANNEL_OPTIONS  # the agent channel's reconnect policy
 from vmfactory.proto import agent_pb2 as pb
 from vmfactory.proto import agent_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-
-CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 500),
-    ("grpc.enable_retries", 0),
-]
-
 
 @dataclass(frozen=True)
 class ProcessRequest:

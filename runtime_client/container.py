@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import secrets
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from runtime_client.agent import AgentConnection, ProcessRequest
 from runtime_client.bundle import Bundle, find_executable
-from runtime_client.errors import ClientError, ContainerError
+from runtime_client.errors import ClientError, ContainerError, NotFound
 from runtime_client.records import check_name
 from runtime_client.vm import SandboxVm
 
@@ -181,10 +182,9 @@ class Container:
         """Start another process in the container; return its exec id."""
         self._require("exec", ContainerState.RUNNING)
         exec_id = check_name("exec", exec_id or "e" + secrets.token_hex(4))
-        process = ProcessRequest(args=tuple(args), env=self.process.env, cwd=self.process.cwd,
-                                 uid=self.process.uid, gid=self.process.gid,
-                                 groups=self.process.groups, terminal=terminal,
-                                 stdio=self.sandbox.shim.relays_io, rows=rows, cols=cols)
+        # The first process's env, cwd and user; its own command and terminal.
+        process = dataclasses.replace(self.process, args=tuple(args), terminal=terminal,
+                                      stdio=self.sandbox.shim.relays_io, rows=rows, cols=cols)
         await (await self.sandbox.connect()).exec_process(self.name, exec_id, process)
         return exec_id
 
@@ -214,9 +214,8 @@ class Container:
         conn = await self.sandbox.connect()
         try:
             await conn.remove_container(self.name, force=True)
-        except ClientError as exc:
-            if exc.code is None or exc.code.name != "NOT_FOUND":
-                raise
+        except NotFound:
+            pass  # the guest no longer has it (removed already, or a new guest)
         if not vm_going:
             await (await self.sandbox.machine()).detach_disk(self.serial)
         self.sandbox.runtime.records.delete_container(self.name)

@@ -23,12 +23,13 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import IO, NoReturn
 
 import grpc
 import psutil
 
 from runtime_client.errors import ClientError, ended_during_write
+from vmfactory.agent.client import CHANNEL_OPTIONS  # the agent channel's reconnect policy
 
 _LOG = logging.getLogger(__name__)
 
@@ -36,14 +37,6 @@ PROG = "runtime_client.proxy"
 READY_LINE = b"ready\n"
 # sun_path is 108 bytes, NUL included.
 MAX_SOCKET_PATH = 107
-
-# Reconnect quickly: the agent channel is a local socket.  Not
-# grpc.min_reconnect_backoff_ms: grpc also uses it as the connect timeout.
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.enable_retries", 0),
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 500),
-]
 
 # Transport-level headers the gRPC stack sets itself; passing them on as call
 # metadata is rejected or would lie about the proxy's own connection.

@@ -152,27 +152,6 @@ def _agent_handlers(handlers: _SignalHandlers, conn: AgentConnection, container_
     return callbacks
 
 
-class NoopShim(Shim):
-    """No stdio relay; signals are forwarded; returns the exit code."""
-
-    name = "noopshim"
-    relays_io = False
-    needs_shared_agent = False
-
-    async def run(self, conn: AgentConnection, container_id: str, exec_id: str, *,
-                  terminal: bool, stdin: int | None = 0, stdout: int = 1, stderr: int = 2,
-                  shim_address: str | None = None,
-                  on_first_output: Callable[[], None] | None = None) -> int:
-        """Forward signals until the process exits; its exit code."""
-        handlers = _SignalHandlers()
-        handlers.install(_agent_handlers(handlers, conn, container_id, exec_id, terminal,
-                                         (stdin, stdout)))
-        try:
-            return await conn.wait(container_id, exec_id)
-        finally:
-            await handlers.remove()
-
-
 class BuiltinShim(Shim):
     """``katashimbuiltin``: the relay and signal forwarding inside this process."""
 
@@ -184,18 +163,27 @@ class BuiltinShim(Shim):
                   terminal: bool, stdin: int | None = 0, stdout: int = 1, stderr: int = 2,
                   shim_address: str | None = None,
                   on_first_output: Callable[[], None] | None = None) -> int:
-        """Relay stdio and forward signals until the process exited AND its
-        output stream ended (so no output is lost); its exit code."""
+        """Relay stdio (if this mode does) and forward signals until the process
+        exited AND its output stream ended (so no output is lost); its exit code."""
         handlers = _SignalHandlers()
         handlers.install(_agent_handlers(handlers, conn, container_id, exec_id, terminal,
                                          (stdin, stdout)))
         try:
+            if not self.relays_io:
+                return await conn.wait(container_id, exec_id)
             relay = relay_io(conn, container_id, exec_id, stdin=stdin, stdout=stdout,
                              stderr=stderr, terminal=terminal, on_first_output=on_first_output)
             _, code = await _both(relay, conn.wait(container_id, exec_id))
             return code
         finally:
             await handlers.remove()
+
+
+class NoopShim(BuiltinShim):
+    """No stdio relay; signals are forwarded; returns the exit code."""
+
+    name = "noopshim"
+    relays_io = False
 
 
 async def _both(first: Awaitable[None], second: Awaitable[int]) -> tuple[None, int]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import psutil
 
-from runtime_client.errors import ClientError, DaemonUnavailable, SandboxError
+from runtime_client.errors import DaemonUnavailable, NotFound, SandboxError
 from runtime_client.factory_client import FactoryClient
 from vmfactory.config import Config
 from vmfactory.errors import VmFactoryError
@@ -82,9 +82,7 @@ class LeasedVm(SandboxVm):
     async def stop(self) -> None:
         try:
             await self.factory.release(self.lease_id)
-        except ClientError as exc:
-            if exc.code is None or exc.code.name != "NOT_FOUND":
-                raise
+        except NotFound:
             logger.info("lease %s was already gone", self.lease_id)  # released or reclaimed
 
     def record(self) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import dataclasses
 import enum
 import logging
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.direct import DirectFactory
 from vmfactory.factory.template_factory import TemplateFactory
 from vmfactory.hypervisor.base import Vm
-from vmfactory.hypervisor.qemu import QemuHypervisor
+from vmfactory.hypervisor.qemu import SERIAL_RE, QemuHypervisor
 from vmfactory.leases import Lease, LeaseTable
 from vmfactory.pool import Pool
 from vmfactory.records import VmRecords
@@ -39,7 +38,12 @@ from vmfactory.tasks import TaskOwner
 logger = logging.getLogger(__name__)
 
 LEASE_CHECK_S = 0.5
-DISK_SERIAL_RE = re.compile(r"^[A-Za-z0-9-]{1,20}$")
+
+
+def _check_serial(serial: str) -> None:
+    """The hypervisor's rule for disk serials, as a request error."""
+    if not SERIAL_RE.match(serial):
+        raise InvalidRequest(f"serial {serial!r} must be 1-20 of [A-Za-z0-9-]")
 
 
 class DaemonState(enum.Enum):
@@ -201,13 +205,11 @@ class Daemon:
         if not image.is_absolute() or not image.is_file():
             raise InvalidRequest(f"disk image must be an existing file given by absolute path: "
                                  f"{path!r}")
-        if not DISK_SERIAL_RE.match(serial):
-            raise InvalidRequest(f"serial {serial!r} must be 1-20 of [A-Za-z0-9-]")
+        _check_serial(serial)
         return await vm.attach_disk(image, serial, read_only)
 
     async def detach_disk(self, lease_id: str, serial: str) -> None:
-        if not DISK_SERIAL_RE.match(serial):
-            raise InvalidRequest(f"serial {serial!r} must be 1-20 of [A-Za-z0-9-]")
+        _check_serial(serial)
         await self._leased_vm(lease_id).detach_disk(serial)
 
     async def release(self, lease_id: str) -> None:
