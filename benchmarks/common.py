@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmfactory.server.grpc_service import socket_accepts
+from vmfactory.util.sockets import socket_accepts
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import RESULTS, progress, save_json, spawn_daemon, stats, table  # noqa: E402
 
-from runtime_client.factory_client import FactoryClient  # noqa: E402
+from vmfactory.server.client import FactoryClient  # noqa: E402
 from vmfactory.config import scratch_config  # noqa: E402
 
 PREFIX = "pool:"

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import progress, save_json, spawn_daemon, table  # noqa: E402
 
-from runtime_client.factory_client import FactoryClient  # noqa: E402
+from vmfactory.server.client import FactoryClient  # noqa: E402
 from vmfactory.config import scratch_config  # noqa: E402
 
 

@@ -43,10 +43,10 @@ sys.path.insert(0, str(REPO))
 import psutil  # noqa: E402
 from common import RESULTS, progress, save_json, spawn_daemon, stats, table  # noqa: E402
 
-from runtime_client.bundle import Bundle, ImageCache, load_bundle  # noqa: E402
-from runtime_client.factory_client import FactoryClient  # noqa: E402
+from runtime_client.bundles import Bundle, ImageCache, load_bundle  # noqa: E402
+from vmfactory.server.client import FactoryClient  # noqa: E402
 from runtime_client.sandbox import Runtime  # noqa: E402
-from runtime_client.busybox import make_busybox_bundle  # noqa: E402
+from runtime_client.bundles.busybox import make_busybox_bundle  # noqa: E402
 from vmfactory.config import Config, load_config, scratch_config  # noqa: E402
 from vmfactory.guest.image import GuestImage, ImageBuilder  # noqa: E402
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -19,12 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime_client.bundle import find_executable, load_bundle
-from runtime_client.container import ExecutableNotFound
-from runtime_client.errors import ClientError, ContainerError
+from runtime_client.bundles import find_executable, load_bundle
+from runtime_client.errors import ExecutableNotFound
 from runtime_client.sandbox import Runtime
 from vmfactory.config import Config, load_config
-from vmfactory.errors import ConfigError, VmFactoryError
+from vmfactory.errors import ConfigError, InvalidRequest, VmFactoryError
+from vmfactory.guest.agent.errors import CannotExecute
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +84,9 @@ def parse_signal(value: str) -> int:
         try:
             number = signal.Signals[name if name.startswith("SIG") else "SIG" + name].value
         except KeyError:
-            raise ClientError(f"unknown signal {value!r}") from None
+            raise InvalidRequest(f"unknown signal {value!r}") from None
     if not 0 < number < signal.NSIG:
-        raise ClientError(f"signal {value!r} is out of range")
+        raise InvalidRequest(f"signal {value!r} is out of range")
     return number
 
 
@@ -128,7 +130,7 @@ async def cmd_run(rt: Runtime, args: argparse.Namespace) -> int:
                                                      (time.monotonic() - t0) * 1000))
     except BaseException:
         if own:
-            await asyncio.shield(sandbox.delete())
+            await finish(sandbox.delete())
         raise
     if args.timings:
         print(json.dumps({**sandbox.timings, **container.timings, **first}), file=sys.stderr)
@@ -140,7 +142,7 @@ async def cmd_run(rt: Runtime, args: argparse.Namespace) -> int:
 async def cmd_exec(rt: Runtime, args: argparse.Namespace) -> int:
     cmd = _command(args)
     if not cmd:
-        raise ClientError("exec needs a command: exec CONTAINER -- CMD...")
+        raise InvalidRequest("exec needs a command: exec CONTAINER -- CMD...")
     container = await rt.open_container(args.container)
     rows, cols = _term_size() if args.tty else (0, 0)
     exec_id = await container.exec(cmd, terminal=args.tty, rows=rows, cols=cols)
@@ -168,7 +170,7 @@ async def cmd_rm(rt: Runtime, args: argparse.Namespace) -> int:
         try:
             await (await rt.open_container(name)).remove(force=args.force)
             print(name)
-        except ClientError as exc:
+        except VmFactoryError as exc:
             print(f"{PROG}: {name}: {exc}", file=sys.stderr)
             failed += 1
     return EXIT_ERROR if failed else 0
@@ -215,11 +217,13 @@ async def _main(config: Config, args: argparse.Namespace) -> int:
         await rt.close()
 
 
-def exit_code_for(exc: ClientError) -> int:
+def exit_code_for(exc: VmFactoryError) -> int:
+    """The exit code table: a program missing from the bundle, or whose execve
+    failed with ENOENT, is 127; another execve failure 126; anything else 125."""
     if isinstance(exc, ExecutableNotFound):
         return EXIT_NOT_FOUND
-    if isinstance(exc, ContainerError) and "cannot execute" in str(exc):
-        return EXIT_NOT_FOUND if "No such file" in str(exc) else EXIT_CANNOT_RUN
+    if isinstance(exc, CannotExecute):
+        return EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_RUN
     return EXIT_ERROR
 
 
@@ -234,12 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return asyncio.run(_main(config, args))
-    except ClientError as exc:
+    except VmFactoryError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return exit_code_for(exc)
-    except VmFactoryError as exc:  # the record store, the in-process VM
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
 

@@ -1,4 +1,8 @@
-"""A container in a sandbox: its root disk, its first process, exec'd processes."""
+"""A container in a sandbox: its root disk, its first process, exec'd processes.
+
+A container gets what it needs from its sandbox as a :class:`ContainerHost`
+(the agent connection, the VM, the shim, the records), not the sandbox itself.
+"""
 
 from __future__ import annotations
 
@@ -9,17 +13,20 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from runtime_client.agent import AgentConnection, ProcessRequest
-from runtime_client.bundle import Bundle, find_executable
-from runtime_client.errors import ClientError, ContainerError, NotFound
-from runtime_client.records import check_name
+from runtime_client.bundles import Bundle, ImageCache, find_executable
+from runtime_client.errors import ContainerError, ExecutableNotFound
+from runtime_client.records import ClientRecords, check_name
+from runtime_client.shims import Shim
 from runtime_client.vm import SandboxVm
-
-if TYPE_CHECKING:
-    from runtime_client.sandbox import Sandbox
+from vmfactory.agent.client import AgentClient, ProcessRequest
+from vmfactory.errors import VmFactoryError
+from vmfactory.guest.agent.errors import ExecFailed, NoSuchContainer
+from vmfactory.util.states import Lifecycle, require
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -31,29 +38,42 @@ class ContainerState(enum.Enum):
     STOPPED = "stopped"
 
 
-class ExecutableNotFound(ContainerError):
-    """The program is not in the bundle's root (exit code 127 in the CLI)."""
+@dataclass(frozen=True)
+class ContainerHost:
+    """What a container needs from its sandbox."""
+
+    sandbox_id: str
+    connect: Callable[[], Awaitable[AgentClient]]   # the agent, through the proxy mode
+    machine: Callable[[], Awaitable[SandboxVm]]     # the VM, re-attached if need be
+    shared_address: Callable[[], str | None]        # where standalone shims dial
+    shim: Shim
+    records: ClientRecords
+    images: ImageCache
+    disk_timeout: float
 
 
-class Container:
+class Container(Lifecycle[ContainerState]):
     """Made by :meth:`Sandbox.create_container` or loaded from its record."""
 
-    def __init__(self, sandbox: Sandbox, name: str, serial: str, image: Path,
+    def __init__(self, host: ContainerHost, name: str, serial: str, image: Path,
                  process: ProcessRequest, hostname: str, bundle: str) -> None:
-        self.sandbox = sandbox
+        self.host = host
         self.name = name
         self.serial = serial
         self.image = image
         self.process = process
         self.hostname = hostname
         self.bundle = bundle
-        self.state = ContainerState.CREATING
         self.exit_code: int | None = None
         self.created = time.time()
         self.timings: dict[str, float] = {}
+        self._set_state(ContainerState.CREATING)
+
+    def _state_error(self, operation: str) -> Exception:
+        return ContainerError(f"container {self.name} is {self.state.value}: cannot {operation}")
 
     @classmethod
-    def prepare(cls, sandbox: Sandbox, bundle: Bundle, name: str, args: list[str] | None,
+    def prepare(cls, host: ContainerHost, bundle: Bundle, name: str, args: list[str] | None,
                 terminal: bool | None, rows: int, cols: int) -> Container:
         spec = bundle.process
         if args:
@@ -66,27 +86,27 @@ class Container:
         process = ProcessRequest(
             args=spec.args, env=spec.env, cwd=spec.cwd, uid=spec.user.uid, gid=spec.user.gid,
             groups=spec.user.additional_gids, terminal=spec.terminal,
-            stdio=sandbox.shim.relays_io, rows=rows, cols=cols)
-        image = sandbox.runtime.images.image_for(bundle.rootfs)
-        return cls(sandbox, name, "c" + secrets.token_hex(6), image, process,
+            stdio=host.shim.relays_io, rows=rows, cols=cols)
+        image = host.images.image_for(bundle.rootfs)
+        return cls(host, name, "c" + secrets.token_hex(6), image, process,
                    bundle.hostname or name, str(bundle.path))
 
     @classmethod
-    def from_record(cls, sandbox: Sandbox, record: dict[str, Any]) -> Container:
+    def from_record(cls, host: ContainerHost, record: dict[str, Any]) -> Container:
         p = record["process"]
         process = ProcessRequest(args=tuple(p["args"]), env=tuple(p["env"]), cwd=p["cwd"],
                                  uid=p["uid"], gid=p["gid"], groups=tuple(p["groups"]),
                                  terminal=p["terminal"], stdio=p["stdio"])
-        c = cls(sandbox, record["name"], record["serial"], Path(record["image"]), process,
+        c = cls(host, record["name"], record["serial"], Path(record["image"]), process,
                 record["hostname"], record["bundle"])
-        c.state = ContainerState(record["state"])
+        c._set_state(ContainerState(record["state"]))
         c.exit_code = record.get("exit_code")
         c.created = record.get("created", c.created)
         return c
 
     def record(self) -> dict[str, Any]:
         p = self.process
-        return {"name": self.name, "sandbox": self.sandbox.id, "serial": self.serial,
+        return {"name": self.name, "sandbox": self.host.sandbox_id, "serial": self.serial,
                 "image": str(self.image), "bundle": self.bundle, "hostname": self.hostname,
                 "state": self.state.value, "exit_code": self.exit_code, "created": self.created,
                 "process": {"args": list(p.args), "env": list(p.env), "cwd": p.cwd,
@@ -94,9 +114,11 @@ class Container:
                             "terminal": p.terminal, "stdio": p.stdio}}
 
     def save(self) -> None:
-        self.sandbox.runtime.records.save_container(self.record())
+        """Write the record (after each change, so other client processes see it)."""
+        self.host.records.save_container(self.record())
 
-    async def create(self, vm: SandboxVm, conn: Awaitable[AgentConnection]) -> None:
+    @require(ContainerState.CREATING)
+    async def create(self, vm: SandboxVm, conn: Awaitable[AgentClient]) -> None:
         """Record, hot-plug the root, create in the guest; undone on failure."""
         self.save()  # first: a crash from here on leaves a record to clean up
         t0 = time.monotonic()
@@ -104,38 +126,33 @@ class Container:
             await vm.attach_disk(self.image, self.serial)
             self.timings["attach_ms"] = (time.monotonic() - t0) * 1000
             await (await conn).create_container(self.name, self.serial, self.hostname,
-                                                self.process,
-                                                self.sandbox.runtime.config.timeouts.hotplug)
+                                                self.process, self.host.disk_timeout)
         except BaseException:
-            await asyncio.shield(self._undo_create(vm))
+            await finish(self._undo_create(vm))
             raise
         self.timings["create_ms"] = (time.monotonic() - t0) * 1000
-        self.state = ContainerState.CREATED
+        self._set_state(ContainerState.CREATED)
         self.save()
 
     async def _undo_create(self, vm: SandboxVm) -> None:
         try:
             await vm.detach_disk(self.serial)
-        except ClientError as exc:
+        except VmFactoryError as exc:
             logger.warning("container %s: detach after a failed create: %s", self.name, exc)
-        self.sandbox.runtime.records.delete_container(self.name)
+        self.host.records.delete_container(self.name)
 
-    def _require(self, action: str, *states: ContainerState) -> None:
-        if self.state not in states:
-            raise ContainerError(f"container {self.name} is {self.state.value}: cannot {action}")
-
+    @require(ContainerState.CREATED)
     async def start(self) -> None:
         """Run the first process; a program that cannot run removes the container."""
-        self._require("start", ContainerState.CREATED)
-        conn = await self.sandbox.connect()
+        conn = await self.host.connect()
         t0 = time.monotonic()
         try:
             await conn.start_container(self.name)
-        except ContainerError:
-            await asyncio.shield(self.remove(force=True))
+        except ExecFailed:
+            await finish(self.remove(force=True))
             raise
         self.timings["start_ms"] = (time.monotonic() - t0) * 1000
-        self.state = ContainerState.RUNNING
+        self._set_state(ContainerState.RUNNING)
         self.save()
 
     async def attach(self, *, stdin: int | None = 0, stdout: int = 1, stderr: int = 2,
@@ -143,12 +160,12 @@ class Container:
                      on_first_output: Callable[[], None] | None = None) -> int:
         """Relay stdio and signals through the sandbox's shim mode until the process
         exits; return its exit code."""
-        conn = await self.sandbox.connect()
-        code = await self.sandbox.shim.run(
+        conn = await self.host.connect()
+        code = await self.host.shim.run(
             conn, self.name, exec_id,
             terminal=self.process.terminal if terminal is None else terminal,
             stdin=stdin, stdout=stdout, stderr=stderr,
-            shim_address=self.sandbox.proxy.shared_address, on_first_output=on_first_output)
+            shim_address=self.host.shared_address(), on_first_output=on_first_output)
         if not exec_id:
             self.stopped(code)
         return code
@@ -168,39 +185,40 @@ class Container:
         return await attached
 
     def stopped(self, code: int) -> None:
-        self.state, self.exit_code = ContainerState.STOPPED, code
+        self.exit_code = code
+        self._set_state(ContainerState.STOPPED)
         self.save()
 
     async def wait(self, exec_id: str = "") -> int:
-        code = await (await self.sandbox.connect()).wait(self.name, exec_id)
+        code = await (await self.host.connect()).wait(self.name, exec_id)
         if not exec_id:
             self.stopped(code)
         return code
 
+    @require(ContainerState.RUNNING)
     async def exec(self, args: list[str], *, terminal: bool = False,
                    exec_id: str | None = None, rows: int = 0, cols: int = 0) -> str:
         """Start another process in the container; return its exec id."""
-        self._require("exec", ContainerState.RUNNING)
         exec_id = check_name("exec", exec_id or "e" + secrets.token_hex(4))
         # The first process's env, cwd and user; its own command and terminal.
         process = dataclasses.replace(self.process, args=tuple(args), terminal=terminal,
-                                      stdio=self.sandbox.shim.relays_io, rows=rows, cols=cols)
-        await (await self.sandbox.connect()).exec_process(self.name, exec_id, process)
+                                      stdio=self.host.shim.relays_io, rows=rows, cols=cols)
+        await (await self.host.connect()).exec_process(self.name, exec_id, process)
         return exec_id
 
     async def signal(self, sig: int, *, all: bool = False, exec_id: str = "") -> None:
-        await (await self.sandbox.connect()).signal(self.name, exec_id, sig, all)
+        await (await self.host.connect()).signal(self.name, exec_id, sig, all)
 
     async def resize(self, rows: int, cols: int, exec_id: str = "") -> None:
-        await (await self.sandbox.connect()).resize(self.name, exec_id, rows, cols)
+        await (await self.host.connect()).resize(self.name, exec_id, rows, cols)
 
     async def processes(self) -> list[Any]:
-        return await (await self.sandbox.connect()).list_processes(self.name)
+        return await (await self.host.connect()).list_processes(self.name)
 
     async def refresh(self) -> ContainerState:
         """Ask the guest what became of the first process (it may have exited)."""
         if self.state is ContainerState.RUNNING:
-            for info in await (await self.sandbox.connect()).list_containers():
+            for info in await (await self.host.connect()).list_containers():
                 if info.container_id == self.name and info.state == "stopped":
                     self.stopped(info.exit_code)
         return self.state
@@ -211,12 +229,12 @@ class Container:
         ``vm_going``: the VM stops next, so the disk need not be unplugged."""
         if not force and await self.refresh() is ContainerState.RUNNING:
             raise ContainerError(f"container {self.name} is running (stop it, or force)")
-        conn = await self.sandbox.connect()
+        conn = await self.host.connect()
         try:
             await conn.remove_container(self.name, force=True)
-        except NotFound:
+        except NoSuchContainer:
             pass  # the guest no longer has it (removed already, or a new guest)
         if not vm_going:
-            await (await self.sandbox.machine()).detach_disk(self.serial)
-        self.sandbox.runtime.records.delete_container(self.name)
+            await (await self.host.machine()).detach_disk(self.serial)
+        self.host.records.delete_container(self.name)
         logger.info("container %s removed", self.name)

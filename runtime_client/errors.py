@@ -1,70 +1,44 @@
-"""The runtime client's errors, mapped back from the daemon's gRPC status codes."""
+"""The runtime client's own errors, on top of vmfactory's tree.
+
+Errors from the daemon and from the guest agent arrive with the classes they
+were raised with (``vmfactory.errors``, ``vmfactory.guest.agent.errors``);
+the client adds its own under :class:`ClientError`::
+
+    VmFactoryError (vmfactory.errors)
+    └── ClientError              the runtime client cannot do this
+        ├── BundleError          the OCI bundle is unusable
+        ├── SandboxError         wrong state, its VM is gone, a mode mismatch
+        ├── ContainerError       the container's state does not allow it
+        │   └── ExecutableNotFound  the program is not in the bundle's root
+        └── ProxyError           a proxy cannot bind, start or be spawned
+
+The CLIs turn them into exit codes, each with one table.
+"""
 
 from __future__ import annotations
 
-import grpc
+from vmfactory.errors import VmFactoryError
 
 
-class ClientError(Exception):
-    """Base of every error the runtime client raises on purpose."""
-
-    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
-        super().__init__(message)
-        self.code = code
+class ClientError(VmFactoryError):
+    """Base of every error the runtime client raises itself."""
 
 
-class InvalidRequest(ClientError):
-    """The daemon rejected the request's values (INVALID_ARGUMENT)."""
-
-
-class NotFound(ClientError):
-    """No such lease or VM (NOT_FOUND)."""
-
-
-class NoVmInTime(ClientError):
-    """No VM became ready before the deadline (DEADLINE_EXCEEDED)."""
-
-
-class DaemonUnavailable(ClientError):
-    """No daemon answers, or it is shutting down (UNAVAILABLE)."""
-
-
-class ContainerError(ClientError):
-    """The request does not fit the container's state, or its program could not
-    run (FAILED_PRECONDITION, ALREADY_EXISTS)."""
+class BundleError(ClientError):
+    """The OCI bundle is unusable: bad config.json, missing rootfs, ..."""
 
 
 class SandboxError(ClientError):
     """A sandbox cannot do this: wrong state, its VM is gone, a mode mismatch."""
 
 
-_BY_CODE: dict[grpc.StatusCode, type[ClientError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
-    grpc.StatusCode.NOT_FOUND: NotFound,
-    grpc.StatusCode.DEADLINE_EXCEEDED: NoVmInTime,
-    grpc.StatusCode.UNAVAILABLE: DaemonUnavailable,
-    grpc.StatusCode.FAILED_PRECONDITION: ContainerError,
-    grpc.StatusCode.ALREADY_EXISTS: ContainerError,
-}
+class ContainerError(ClientError):
+    """The request does not fit the container's state."""
 
 
-def ended_during_write(exc: grpc.aio.AioRpcError) -> bool:
-    """Whether ``exc`` is grpc aio's report of a request write that raced with the
-    normal end of a bidirectional call (e.g. stdin sent as the process exited):
-    grpc then overwrites the server's OK with INTERNAL (grpc/grpc#36066).  It is
-    raised only after the response stream reached its end: no response is lost."""
-    return (exc.code() == grpc.StatusCode.INTERNAL
-            and "SendMessageOperation" in (exc.debug_error_string() or ""))
+class ExecutableNotFound(ContainerError):
+    """The program is not in the bundle's root (exit code 127 in the CLI)."""
 
 
-def from_rpc_error(exc: grpc.aio.AioRpcError, peer: str = "") -> ClientError:
-    """The ClientError for a failed call; ``peer`` names who answered (e.g. "agent")."""
-    cls = _BY_CODE.get(exc.code(), ClientError)
-    if cls is DaemonUnavailable and peer and peer != "daemon":
-        cls = SandboxError
-    prefix = f"{peer}: " if peer else ""
-    return cls(f"{prefix}{exc.code().name}: {exc.details()}", exc.code())
-
-
-class BundleError(ClientError):
-    """The OCI bundle is unusable: bad config.json, missing rootfs, ..."""
+class ProxyError(ClientError):
+    """The proxy cannot bind, start, or be spawned."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from runtime_client.errors import InvalidRequest, NotFound
+from vmfactory.errors import InvalidRequest, NotFound
 from vmfactory.store import Store
 from vmfactory.store.errors import CorruptRecord, RecordFormatError
 

@@ -17,17 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime_client.agent import AgentConnection
-from runtime_client.bundle import Bundle, ImageCache
-from runtime_client.container import Container, ContainerState
-from runtime_client.errors import ClientError, NotFound, SandboxError
-from runtime_client.factory_client import FactoryClient
+from runtime_client.bundles import Bundle, ImageCache
+from runtime_client.container import Container, ContainerHost, ContainerState
+from runtime_client.errors import SandboxError
 from runtime_client.proxies import Proxy, canonical_proxy, make_proxy
 from runtime_client.records import ClientRecords, check_name
 from runtime_client.shims import Shim, canonical_shim, make_shim
 from runtime_client.vm import SandboxVm, obtain_vm, reap_owned, reattach_vm
+from vmfactory.agent.client import AgentClient
 from vmfactory.config import Config
+from vmfactory.errors import NotFound, VmFactoryError
+from vmfactory.server.client import FactoryClient
 from vmfactory.store import open_store
+from vmfactory.util.states import Lifecycle, require
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class SandboxState(enum.Enum):
     STOPPED = "stopped"
 
 
-class Sandbox:
+class Sandbox(Lifecycle[SandboxState]):
     """One VM and the containers in it; made by :class:`Runtime`."""
 
     def __init__(self, runtime: Runtime, sandbox_id: str, proxy: Proxy,
@@ -49,11 +52,19 @@ class Sandbox:
         self.proxy = proxy
         self.vm = vm
         self.vm_record = vm_record
-        self.state = SandboxState.CREATING
-        self.conn: AgentConnection | None = None
+        self.conn: AgentClient | None = None
         self._connect_lock = asyncio.Lock()
         self.created = time.time()
         self.timings: dict[str, float] = {}
+        self.host = ContainerHost(
+            sandbox_id=sandbox_id, connect=self.connect, machine=self.machine,
+            shared_address=lambda: self.proxy.shared_address, shim=runtime.shim,
+            records=runtime.records, images=runtime.images,
+            disk_timeout=runtime.config.timeouts.hotplug)
+        self._set_state(SandboxState.CREATING)
+
+    def _state_error(self, operation: str) -> Exception:
+        return SandboxError(f"sandbox {self.id} is {self.state.value}: cannot {operation}")
 
     @property
     def directory(self) -> Path:
@@ -72,11 +83,7 @@ class Sandbox:
     def save(self) -> None:
         self.runtime.records.save_sandbox(self.record())
 
-    def _require(self, action: str, *states: SandboxState) -> None:
-        if self.state not in states:
-            raise SandboxError(f"sandbox {self.id} is {self.state.value}: cannot {action}")
-
-    async def connect(self) -> AgentConnection:
+    async def connect(self) -> AgentClient:
         """The agent connection (through the proxy mode), opened on first use."""
         async with self._connect_lock:
             if self.conn is None:
@@ -89,7 +96,8 @@ class Sandbox:
         address = await self.proxy.start()
         if self.proxy.record() != before:
             self.save()  # a proxy process started: another client must be able to stop it
-        conn = AgentConnection(address, self.runtime.config.timeouts.agent_call)
+        conn = AgentClient(address, self.runtime.config.timeouts.agent_call,
+                           wait_for_ready=True)
         try:
             # The VM's agent answered its factory moments ago: one call's time is
             # enough, and a sandbox whose VM died fails in seconds, not minutes.
@@ -105,11 +113,11 @@ class Sandbox:
             self.vm = await reattach_vm(self.runtime.config, self.runtime.factory, self.vm_record)
         return self.vm
 
+    @require(SandboxState.READY, operation="create a container")
     async def create_container(self, bundle: Bundle, name: str, *,
                                args: list[str] | None = None, terminal: bool | None = None,
                                rows: int = 0, cols: int = 0) -> Container:
         """Hot-plug the bundle's root and create (not start) its first process."""
-        self._require("create a container", SandboxState.READY)
         check_name("container", name)
         if self.runtime.records.has_container(name):
             raise SandboxError(f"a container named {name!r} exists")
@@ -117,7 +125,7 @@ class Sandbox:
         # the root image is found or built and hot-plugged.
         connecting = asyncio.ensure_future(self.connect())
         try:
-            container = await asyncio.to_thread(Container.prepare, self, bundle, name, args,
+            container = await asyncio.to_thread(Container.prepare, self.host, bundle, name, args,
                                                 terminal, rows, cols)
             await container.create(await self.machine(), connecting)
         finally:
@@ -130,7 +138,7 @@ class Sandbox:
         record = self.runtime.records.container(name)
         if record["sandbox"] != self.id:
             raise NotFound(f"container {name!r} is not in sandbox {self.id}")
-        return Container.from_record(self, record)
+        return Container.from_record(self.host, record)
 
     def containers(self) -> list[dict[str, Any]]:
         return self.runtime.records.containers(self.id)
@@ -139,7 +147,7 @@ class Sandbox:
         """Remove every container (killing what runs), stop the proxy and the VM."""
         if self.state is SandboxState.STOPPED:
             return
-        self.state = SandboxState.STOPPING
+        self._set_state(SandboxState.STOPPING)
         self.save()
         try:
             await self._remove_containers()
@@ -147,23 +155,23 @@ class Sandbox:
             await self.disconnect()
             await self.proxy.stop()
             await self._stop_vm()
-            self.state = SandboxState.STOPPED
+            self._set_state(SandboxState.STOPPED)
             self.save()
         logger.info("sandbox %s stopped", self.id)
 
     async def _remove_containers(self) -> None:
         for record in self.containers():
             try:
-                container = Container.from_record(self, record)
+                container = Container.from_record(self.host, record)
                 await container.remove(force=True, vm_going=True)
-            except ClientError as exc:  # the VM may be gone: records must go anyway
+            except VmFactoryError as exc:  # the VM may be gone: records must go anyway
                 logger.warning("sandbox %s: container %s: %s", self.id, record["name"], exc)
                 self.runtime.records.delete_container(record["name"])
 
     async def _stop_vm(self) -> None:
         try:
             await (await self.machine()).stop()
-        except ClientError as exc:
+        except VmFactoryError as exc:
             logger.warning("sandbox %s: %s", self.id, exc)
             if self.vm_record.get("kind") == "owned":
                 reap_owned(self.vm_record)
@@ -222,9 +230,9 @@ class Runtime:
         try:
             sandbox.save()
         except BaseException:
-            await asyncio.shield(sandbox.delete())
+            await finish(sandbox.delete())
             raise
-        sandbox.state = SandboxState.READY
+        sandbox._set_state(SandboxState.READY)
         sandbox.save()
         self._open[sandbox_id] = sandbox
         logger.info("sandbox %s ready on vm %s (%s) in %.0f ms", sandbox_id, vm.vm_id, vm.source,
@@ -240,7 +248,7 @@ class Runtime:
         proxy = make_proxy(record["proxy"]["mode"], Path(vm_record["agent_socket"]),
                            self.sandbox_dir(sandbox_id), record["proxy"])
         sandbox = Sandbox(self, sandbox_id, proxy, None, vm_record)
-        sandbox.state = SandboxState(record["state"])
+        sandbox._set_state(SandboxState(record["state"]))
         sandbox.created = record.get("created", sandbox.created)
         self._open[sandbox_id] = sandbox
         return sandbox
@@ -248,7 +256,7 @@ class Runtime:
     async def open_container(self, name: str) -> Container:
         record = self.records.container(name)
         sandbox = await self.open_sandbox(record["sandbox"])
-        return Container.from_record(sandbox, record)
+        return Container.from_record(sandbox.host, record)
 
     def sandboxes(self) -> list[dict[str, Any]]:
         return self.records.sandboxes()

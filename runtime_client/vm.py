@@ -3,9 +3,10 @@
 * :class:`LeasedVm`: handed out by the node's daemon, which owns its QEMU and
   QMP; disks are attached through the daemon, and release stops the VM.  Any
   client process can do this with the lease id.
-* :class:`OwnedVm`: booted in the client process (CreateNew) because no daemon
-  answered.  The client owns QMP; a later client process adopts the QEMU by the
-  recorded pid to attach disks or stop it.
+* :class:`OwnedVm`: booted in the client process (CreateNew, through
+  ``vmfactory.app.create_new_vm``) because no daemon answered.  The client owns
+  the VM; a later client process adopts it by the recorded pid to attach disks
+  or stop it.
 """
 
 from __future__ import annotations
@@ -18,13 +19,11 @@ from typing import Any
 
 import psutil
 
-from runtime_client.errors import DaemonUnavailable, NotFound, SandboxError
-from runtime_client.factory_client import FactoryClient
+from runtime_client.errors import SandboxError
 from vmfactory.config import Config
-from vmfactory.errors import VmFactoryError
-from vmfactory.factory.direct import DirectFactory
-from vmfactory.hypervisor.base import VmSpec
-from vmfactory.hypervisor.qemu import QemuHypervisor, QemuVm
+from vmfactory.errors import DaemonUnavailable, LeaseNotFound, VmFactoryError
+from vmfactory.hypervisor.base import Vm
+from vmfactory.server.client import FactoryClient
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ class LeasedVm(SandboxVm):
     async def stop(self) -> None:
         try:
             await self.factory.release(self.lease_id)
-        except NotFound:
+        except LeaseNotFound:
             logger.info("lease %s was already gone", self.lease_id)  # released or reclaimed
 
     def record(self) -> dict[str, Any]:
@@ -94,30 +93,28 @@ class OwnedVm(SandboxVm):
 
     kind = "owned"
 
-    def __init__(self, vm: QemuVm, source: str) -> None:
+    def __init__(self, vm: Vm, source: str) -> None:
         super().__init__(vm.id, vm.agent_socket, vm.pid or 0, source)
         self.vm = vm
 
     @classmethod
     async def boot(cls, config: Config) -> OwnedVm:
-        factory = DirectFactory(config, QemuHypervisor(config.paths.run_dir, config.timeouts))
+        from vmfactory.app import create_new_vm  # the daemon's plugins: only on this path
+
         try:
-            vm = await factory.get_vm()
+            vm = await create_new_vm(config)  # its agent channel is left to the sandbox
         except VmFactoryError as exc:
             raise SandboxError(f"CreateNew failed: {exc}") from exc
-        assert isinstance(vm, QemuVm)
-        await vm.disconnect_agent()  # the sandbox opens its own agent connection
         return cls(vm, "boot")
 
     @classmethod
     async def adopt(cls, config: Config, record: dict[str, Any]) -> OwnedVm:
-        hypervisor = QemuHypervisor(config.paths.run_dir, config.timeouts)
-        vm = hypervisor.create_vm(VmSpec.from_record(record["spec"]), record["vm_id"])
+        from vmfactory.app import adopt_vm
+
         try:
-            await vm.adopt(int(record["pid"]))
+            vm = await adopt_vm(config, record["vm_id"], record["spec"], int(record["pid"]))
         except VmFactoryError as exc:
             raise SandboxError(f"the sandbox's VM {record['vm_id']} is gone: {exc}") from exc
-        await vm.disconnect_agent()
         return cls(vm, record.get("source", "boot"))
 
     async def attach_disk(self, path: Path, serial: str) -> None:

@@ -11,21 +11,16 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from vmfactory.config import Config, load_config
 from vmfactory.guest.image import GuestImage, ImageBuilder
+from vmfactory.hypervisor.proc import processes_under
 
 
 def qemu_pids_under(root: Path) -> list[int]:
-    """QEMU processes whose command line mentions ``root`` (leak detector)."""
-    pids = []
-    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "qemu-system" in cmd and str(root) in cmd:
-            pids.append(proc.info["pid"])
-    return pids
+    """QEMU processes whose command line mentions a path under ``root`` (leak detector)."""
+    return [proc.info["pid"] for proc in processes_under(root)]
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vmfactory.config import Config, load_config
-from vmfactory.errors import ConfigError, VmFactoryError
+from vmfactory.errors import ConfigError, DaemonError, VmFactoryError
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +85,9 @@ def _image(config: Config, args: argparse.Namespace) -> int:
 
 
 def _template(config: Config, args: argparse.Namespace) -> int:
-    from vmfactory.factory.template_factory import TemplateFactory
-    from vmfactory.hypervisor.qemu import QemuHypervisor
+    from vmfactory.app import make_bases, make_hypervisor
 
-    factory = TemplateFactory(config, QemuHypervisor(config.paths.run_dir, config.timeouts))
+    _, factory = make_bases(config, make_hypervisor(config))
     if args.template_cmd == "create":
         asyncio.run(factory.ensure_template())
     elif args.template_cmd == "destroy":
@@ -97,25 +96,24 @@ def _template(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _init(config: Config, args: argparse.Namespace) -> int:
-    from vmfactory.server.run import serve
+def _init(config: Config, args: argparse.Namespace, plugins: dict[str, Any]) -> int:
+    from vmfactory.app import serve
 
     logging.getLogger("vmfactory").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, **plugins))
     return 0
 
 
 async def _client_call(config: Config, what: str, timeout: float = 10.0) -> Any:
-    from runtime_client.errors import ClientError
-    from runtime_client.factory_client import FactoryClient
+    from vmfactory.server.client import FactoryClient
 
-    async with FactoryClient(str(config.daemon.socket), timeout=timeout) as client:
+    async with FactoryClient(config.daemon.socket, timeout=timeout) as client:
         try:
             if what == "status":
                 return await client.status()
             await client.quit()
-        except ClientError as exc:
-            raise VmFactoryError(f"daemon at {config.daemon.socket}: {exc}") from exc
+        except DaemonError as exc:
+            raise DaemonError(f"daemon at {config.daemon.socket}: {exc}") from exc
         return None
 
 
@@ -161,21 +159,19 @@ def _boot(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, **plugins: Any) -> int:
+    """Run one command; ``plugins`` (``hypervisor``, ``store``) replace the
+    product's in ``init`` (tests inject failures this way)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         config = _config(args)
-        if args.command == "image":
-            return _image(config, args)
-        if args.command == "template":
-            return _template(config, args)
-        handler = {"init": _init, "status": _status, "destroy": _destroy,
-                   "demo": _demo}.get(args.command)
-        if handler is not None:
-            return handler(config, args)
-        return _boot(config, args)
+        if args.command == "init":
+            return _init(config, args, plugins)
+        handler = {"image": _image, "template": _template, "status": _status,
+                   "destroy": _destroy, "demo": _demo, "boot": _boot}[args.command]
+        return handler(config, args)
     except ConfigError as exc:
         print(f"vmfactory: {exc}", file=sys.stderr)
         return 2

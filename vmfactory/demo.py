@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from vmfactory.app import make_bases, make_hypervisor, running_daemon
 from vmfactory.config import Config
 from vmfactory.factory.base import FactoryBase
-from vmfactory.factory.direct import DirectFactory
-from vmfactory.factory.template_factory import TemplateFactory
 from vmfactory.factory.spec import image_paths
-from vmfactory.hypervisor.qemu import QemuHypervisor
-from vmfactory.progress import Progress
+from vmfactory.util.progress import Progress
 
 
 async def boot_once(config: Config, from_template: bool = False) -> dict[str, Any]:
@@ -23,12 +22,12 @@ async def boot_once(config: Config, from_template: bool = False) -> dict[str, An
     progress = Progress(5 if from_template else 4, prefix="boot: ")
     with progress.step("guest image (built on first use)"):
         await image_paths(config, quiet=False)
-    hypervisor = QemuHypervisor(config.paths.run_dir, config.timeouts)
-    factory: FactoryBase = DirectFactory(config, hypervisor)
+    direct, template = make_bases(config, make_hypervisor(config))
+    factory: FactoryBase = direct
     if from_template:
-        factory = TemplateFactory(config, hypervisor)
+        factory = template
         with progress.step("template (boot + save on first use)"):
-            await factory.ensure_template()
+            await template.ensure_template()
     with progress.step("clone to agent ready" if from_template else "cold boot to agent ready"):
         vm = await factory.get_vm()
     try:
@@ -98,60 +97,51 @@ def format_status(reply: Any) -> str:
 async def factory_demo(config: Config) -> dict[str, Any]:
     """The main job: a factory daemon with a warm pool on its real socket, one VM
     handed out over gRPC, its agent used, released; everything torn down."""
-    from runtime_client.factory_client import FactoryClient
-    from vmfactory.agent import AgentClient
-    from vmfactory.config import to_toml
-    from vmfactory.daemon import Daemon
-    from vmfactory.server.grpc_service import claim_socket, start_server
-
     progress = Progress(6, prefix="demo: ")
     with progress.step("guest image (built on first use)"):
         await image_paths(config, quiet=False)
-    claim_socket(config.daemon.socket)
-    daemon = Daemon(config)
-    server = None
-    try:
+    async with contextlib.AsyncExitStack() as stack:
         with progress.step(f"start the factory daemon on {config.daemon.socket}"):
-            await daemon.start()
-            server = await start_server(daemon, to_toml(config))
+            daemon = await stack.enter_async_context(running_daemon(config))
         pool = next(iter(daemon.pools.values()))
         with progress.step(f"fill pool '{pool.name}' (template boot + save, then clones)"):
             t = time.monotonic()
             while len(pool.ready) < pool.config.min_size:
                 await asyncio.sleep(0.1)
             fill_s = time.monotonic() - t
-        async with FactoryClient(str(config.daemon.socket)) as client:
-            with progress.step("GetVM over gRPC (a warm pool hit)"):
-                t = time.monotonic()
-                handle = await client.get_vm(client="demo")
-                get_ms = (time.monotonic() - t) * 1000
-            with progress.step("talk to the VM's agent, release the VM"):
-                agent = AgentClient(f"unix:{handle.agent_socket}", config.timeouts.agent_call)
-                try:
-                    t = time.monotonic()
-                    await agent.wait_ready(config.timeouts.agent_call)
-                    first_call_ms = (time.monotonic() - t) * 1000
-                    info = await agent.info(16)
-                    skew_ms = (info.time_unix_ns - time.time_ns()) / 1e6
-                finally:
-                    await agent.close()
-                await client.release(handle.lease_id)
+        result = await _handout_demo(config, progress)
         with progress.step("run a container in a pooled VM (runtime client, busybox bundle)"):
-            container = await _container_demo(config)
+            result["container"] = await _container_demo(config)
         template = daemon.template.template.record
         return {"pool": pool.name, "pool_size": pool.config.min_size, "fill_s": round(fill_s, 1),
-                "template_build_s": template.get("build_seconds"), "vm_id": handle.vm_id,
-                "source": handle.source, "get_ms": round(get_ms, 1),
-                "daemon_get_ms": round(handle.get_ms, 1),
-                "first_agent_call_ms": round(first_call_ms, 1), "kernel": info.kernel_release,
-                "clock_skew_ms": round(skew_ms, 1),
-                "random": info.random.hex(), "container": container}
-    finally:
-        daemon.events.close()
-        if server is not None:
-            await server.stop(config.daemon.grace_s)
-        await daemon.shutdown()
-        config.daemon.socket.unlink(missing_ok=True)
+                "template_build_s": template.get("build_seconds"), **result}
+
+
+async def _handout_demo(config: Config, progress: Progress) -> dict[str, Any]:
+    """GetVM over gRPC, the VM's agent asked for its info, the VM released."""
+    from vmfactory.agent import AgentClient
+    from vmfactory.server.client import FactoryClient
+
+    async with FactoryClient(config.daemon.socket) as client:
+        with progress.step("GetVM over gRPC (a warm pool hit)"):
+            t = time.monotonic()
+            handle = await client.get_vm(client="demo")
+            get_ms = (time.monotonic() - t) * 1000
+        with progress.step("talk to the VM's agent, release the VM"):
+            agent = AgentClient(f"unix:{handle.agent_socket}", config.timeouts.agent_call)
+            try:
+                t = time.monotonic()
+                await agent.wait_ready(config.timeouts.agent_call)
+                first_call_ms = (time.monotonic() - t) * 1000
+                info = await agent.info(16)
+                skew_ms = (info.time_unix_ns - time.time_ns()) / 1e6
+            finally:
+                await agent.close()
+            await client.release(handle.lease_id)
+    return {"vm_id": handle.vm_id, "source": handle.source, "get_ms": round(get_ms, 1),
+            "daemon_get_ms": round(handle.get_ms, 1),
+            "first_agent_call_ms": round(first_call_ms, 1), "kernel": info.kernel_release,
+            "clock_skew_ms": round(skew_ms, 1), "random": info.random.hex()}
 
 
 DEMO_COMMAND = ["sh", "-c", "echo hello from $(hostname), PID $$, in $(uname -r)"]
@@ -160,8 +150,8 @@ DEMO_COMMAND = ["sh", "-c", "echo hello from $(hostname), PID $$, in $(uname -r)
 async def _container_demo(config: Config) -> dict[str, Any]:
     """What a container runtime does with the factory: sandbox on a pooled VM, a
     container from an OCI bundle, its output relayed, everything removed."""
-    from runtime_client.busybox import make_busybox_bundle
-    from runtime_client.bundle import load_bundle
+    from runtime_client.bundles.busybox import make_busybox_bundle
+    from runtime_client.bundles import load_bundle
     from runtime_client.sandbox import Runtime
 
     with tempfile.TemporaryDirectory(prefix="vmf-demo-") as tmp:

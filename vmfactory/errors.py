@@ -1,8 +1,31 @@
 """The vmfactory error tree.
 
 Every error raised on purpose by the ``vmfactory`` package derives from
-:class:`VmFactoryError`.  Transports (CLI, gRPC) translate these at their edge
-and nowhere else.
+:class:`VmFactoryError`::
+
+    VmFactoryError
+    ├── ConfigError          a setting is missing, malformed or out of range (.key)
+    ├── InvalidRequest       a caller's values are malformed or out of range
+    ├── NotFound             no such thing (lease, sandbox, container ...)
+    │   └── LeaseNotFound
+    ├── ImageError           the guest image cannot be built
+    ├── HypervisorError      a VM could not be started, driven or stopped (.step)
+    │   └── VmStateError     an operation in a state that does not allow it
+    ├── AgentError           the guest agent did not answer, or refused (.call)
+    │   └── GuestError ...   what the agent answers with: vmfactory.guest.agent.errors
+    ├── FactoryError         no VM could be made for a request
+    │   ├── TemplateError    a template is missing, broken, stale or busy
+    │   └── PoolEmpty        no VM became ready before the caller's deadline
+    ├── DaemonError          the daemon cannot start, or is stopping
+    │   ├── DaemonUnavailable  no daemon answers (client side)
+    │   └── BackgroundFailure  a background loop the daemon needs failed
+    └── StoreError           a metadata store operation failed: vmfactory.store.errors
+
+Transports translate these at their edge and nowhere else, each with one table:
+``vmfactory.server.errors`` for the Factory API (its client inverts it, so an
+error keeps its type across the wire), ``vmfactory.guest.agent.errors`` for the
+agent API, the CLIs for exit codes.  This module has no imports: the guest
+image ships it with the agent.
 """
 
 from __future__ import annotations
@@ -10,6 +33,14 @@ from __future__ import annotations
 
 class VmFactoryError(Exception):
     """Base of every error vmfactory raises on purpose."""
+
+    @classmethod
+    def remote(cls, message: str) -> VmFactoryError:
+        """This error as a client rebuilds it from the wire: the same class and the
+        peer's message, without the structured fields its constructor takes."""
+        error = cls.__new__(cls)
+        Exception.__init__(error, message)
+        return error
 
 
 class ConfigError(VmFactoryError):
@@ -21,6 +52,18 @@ class ConfigError(VmFactoryError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"config {key}: {message}")
         self.key = key
+
+
+class InvalidRequest(VmFactoryError):
+    """A request's values are malformed or out of range (the caller's fault)."""
+
+
+class NotFound(VmFactoryError):
+    """No such lease, sandbox, container or process."""
+
+
+class LeaseNotFound(NotFound):
+    """No lease with that id (never issued, already released or reclaimed)."""
 
 
 class ImageError(VmFactoryError):
@@ -48,7 +91,13 @@ class VmStateError(HypervisorError):
 
 
 class AgentError(VmFactoryError):
-    """The guest agent did not answer, or answered with an error."""
+    """The guest agent did not answer, or answered with an error.
+
+    ``call`` names the request; ``code`` is the status the agent answered with
+    (``""`` when it did not answer at all).
+    """
+
+    code = ""
 
     def __init__(self, call: str, message: str) -> None:
         super().__init__(f"agent {call}: {message}")
@@ -63,12 +112,25 @@ class TemplateError(FactoryError):
     """A template is missing, broken, stale or used in the wrong state."""
 
 
-class InvalidRequest(VmFactoryError):
-    """A request's values are malformed or out of range (the caller's fault)."""
+class PoolEmpty(FactoryError):
+    """No VM became ready before the caller's deadline."""
 
 
 class DaemonError(VmFactoryError):
     """The daemon cannot start, or is shutting down."""
+
+
+class DaemonUnavailable(DaemonError):
+    """No daemon answers on the socket (raised by clients)."""
+
+
+class BackgroundFailure(DaemonError):
+    """A background loop the daemon cannot run without failed; the daemon
+    stopped because of it.  ``task`` names the loop."""
+
+    def __init__(self, task: str, cause: BaseException) -> None:
+        super().__init__(f"background task {task} failed: {type(cause).__name__}: {cause}")
+        self.task = task
 
 
 class StoreError(VmFactoryError):

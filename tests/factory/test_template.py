@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import qemu_pids_under
+from vmfactory.app import make_bases, make_hypervisor
 from vmfactory.config import Config
 from vmfactory.errors import HypervisorError, TemplateError
 from vmfactory.factory.sequence import prepare_vm
@@ -133,9 +134,7 @@ async def test_create_twice_is_refused(template: Template) -> None:
 
 async def test_template_factory_clones_or_falls_back(config: Config,
                                                      guest_image: GuestImage) -> None:
-    from vmfactory.factory.template_factory import TemplateFactory
-
-    factory = TemplateFactory(config, QemuHypervisor(config.paths.run_dir, config.timeouts))
+    factory = make_bases(config, make_hypervisor(config))[1]
     try:
         vm = await factory.get_vm()
         assert vm.spec.incoming is not None  # a clone
@@ -156,12 +155,9 @@ async def test_template_factory_clones_or_falls_back(config: Config,
 
 async def test_rotation_swaps_generations_without_failing_requests(
         config: Config, guest_image: GuestImage) -> None:
-    from vmfactory.factory.template_factory import TemplateFactory
-
     rotating = dataclasses.replace(config, template=dataclasses.replace(config.template,
                                                                         name="rot", max_clones=2))
-    factory = TemplateFactory(rotating, QemuHypervisor(config.paths.run_dir, config.timeouts))
-    await factory.start()
+    factory = make_bases(rotating, make_hypervisor(rotating))[1]
     try:
         first = await factory.ensure_template()
         assert first.directory.is_mount()  # a tmpfs of its own, sized to the guest
@@ -183,7 +179,7 @@ async def test_rotation_swaps_generations_without_failing_requests(
         await vm.stop()
         assert factory.status()["clones"] == 4 and factory.status()["fallbacks"] == {}
         # A new factory adopts the newest generation instead of building one.
-        again = TemplateFactory(rotating, factory.hypervisor)
+        again = make_bases(rotating, factory.hypervisor)[1]
         assert again.template.directory == factory.template.directory
     finally:
         await factory.close()

@@ -31,8 +31,8 @@ from typing import Any
 import psutil
 import pytest
 
-from runtime_client.factory_client import FactoryClient
-from runtime_client.busybox import make_busybox_bundle, static_busybox
+from vmfactory.server.client import FactoryClient
+from runtime_client.bundles.busybox import make_busybox_bundle, static_busybox
 from tests.conftest import qemu_pids_under
 from tests.server.conftest import (POOL_READY_TIMEOUT_S, DaemonProc, start_daemon,
                                    stop_daemon, write_config)
@@ -41,7 +41,7 @@ from vmfactory.guest.image import GuestImage
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SHIM = "katashimbuiltin"
 DEFAULT_PROXY = "noProxy"
-CLIENT_MODULES = ("runtime_client.proxy", "runtime_client.shim")
+CLIENT_MODULES = ("runtime_client.proxies", "runtime_client.shims")
 
 
 def write_runtime_config(root: Path, min_size: int = 2, max_size: int = 3) -> Path:

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from runtime_client import bundle as bundle_mod
-from runtime_client.bundle import (
+from runtime_client.bundles import images as bundle_mod
+from runtime_client.bundles import (
     DEFAULT_PATH,
     Bundle,
     ImageCache,
@@ -26,7 +26,7 @@ from runtime_client.bundle import (
     load_bundle,
 )
 from runtime_client.errors import BundleError, ClientError
-from runtime_client.busybox import make_busybox_bundle, static_busybox
+from runtime_client.bundles.busybox import make_busybox_bundle, static_busybox
 
 pytestmark = pytest.mark.skipif(shutil.which("busybox") is None,
                                 reason="busybox-static is not installed")
@@ -315,7 +315,7 @@ def test_image_is_ext4_with_the_rootfs_contents(bb: Path, cache: ImageCache) -> 
 
 def test_same_rootfs_reuses_image(bb: Path, cache: ImageCache,
                                   caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="runtime_client.bundle")
+    caplog.set_level(logging.INFO, logger="runtime_client.bundles.images")
     first = cache.image_for(bb / "rootfs")
     inode = first.stat().st_ino
     os.utime(first, ns=(1, 1))
@@ -327,7 +327,7 @@ def test_same_rootfs_reuses_image(bb: Path, cache: ImageCache,
 
 def test_changed_rootfs_gets_new_image(bb: Path, cache: ImageCache,
                                        caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="runtime_client.bundle")
+    caplog.set_level(logging.INFO, logger="runtime_client.bundles.images")
     first = cache.image_for(bb / "rootfs")
     (bb / "rootfs" / "etc" / "hostname").write_text("box\n")
     second = cache.image_for(bb / "rootfs")
@@ -339,7 +339,7 @@ def test_changed_rootfs_gets_new_image(bb: Path, cache: ImageCache,
 
 def test_concurrent_builds_of_one_rootfs_build_once(bb: Path, cache: ImageCache,
                                                     caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="runtime_client.bundle")
+    caplog.set_level(logging.INFO, logger="runtime_client.bundles.images")
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(
         ImageCache(cache.directory).image_for(bb / "rootfs"))) for _ in range(4)]

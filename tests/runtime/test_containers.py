@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
-from runtime_client.busybox import make_busybox_bundle
+from runtime_client.bundles.busybox import make_busybox_bundle
 from tests.runtime.conftest import (REPO, RuntimeDaemon, cli, cli_argv, client_processes,
                                     list_json)
 
@@ -201,7 +201,7 @@ def test_sigterm_reaches_the_process(rd: RuntimeDaemon, busybox_bundle: Path, sh
             time.sleep(3)  # the client installs its handlers right after the start
         if shim in STANDALONE_SHIMS:
             shims = [p for p in psutil.Process(proc.pid).children()
-                     if "runtime_client.shim" in p.cmdline()]
+                     if "runtime_client.shims" in p.cmdline()]
             assert len(shims) == 1, shims
             shims[0].send_signal(signal.SIGTERM)
         else:
@@ -434,7 +434,7 @@ def test_katashim_needs_a_shared_proxy(rd: RuntimeDaemon, busybox_bundle: Path,
 # --- a crashed client (issue #6) ----------------------------------------------------------
 
 def proxy_processes_for(sandbox_dir: Path) -> list[psutil.Process]:
-    return client_processes(sandbox_dir, "runtime_client.proxy")
+    return client_processes(sandbox_dir, "runtime_client.proxies")
 
 
 def test_a_crashed_clients_sandbox_can_be_removed(rd: RuntimeDaemon,

@@ -1,4 +1,4 @@
-"""The agent proxy (runtime_client.proxy), against the host-process stand-in of the
+"""The agent proxy (runtime_client.proxies), against the host-process stand-in of the
 agent and against a small raw-bytes upstream for the call kinds the agent lacks."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import pytest
 import pytest_asyncio
 
 from runtime_client.errors import ClientError
-from runtime_client.proxy import AgentProxy, ProxyError, spawn_proxy, stop_proxy
+from runtime_client.errors import ProxyError
+from runtime_client.proxies.forwarder import AgentProxy
+from runtime_client.proxies.process import spawn_proxy, stop_proxy
 from vmfactory import __version__
 from vmfactory.hypervisor.process import ProcessHypervisor, ProcessVm
 from vmfactory.proto import agent_pb2 as pb
@@ -34,7 +36,7 @@ pytestmark = pytest.mark.timeout(60)
 # The stand-in VM's fixtures, used here by name.
 run_root, hypervisor, vm = standin.run_root, standin.hypervisor, standin.vm
 
-PROXY_MODULE = "runtime_client.proxy"
+PROXY_MODULE = "runtime_client.proxies"
 
 
 def proxy_processes(listen: Path) -> list[psutil.Process]:

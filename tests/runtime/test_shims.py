@@ -1,4 +1,4 @@
-"""Shim modes (runtime_client.shims, .iorelay, .shim) against a test double of the
+"""Shim modes (runtime_client.shims: builtin, standalone, iorelay, process) against a test double of the
 agent's Containers service that runs processes on the host: no QEMU."""
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from runtime_client.agent import AgentConnection
 from runtime_client.errors import ClientError
+from vmfactory.agent.client import AgentClient
 from runtime_client.shims import (BuiltinShim, NoopShim, Shim, StandaloneShim, canonical_shim,
                                   make_shim)
 from tests.runtime.fake_containers import FakeAgentServer
@@ -45,8 +45,8 @@ async def agent() -> AsyncIterator[FakeAgentServer]:
 
 
 @pytest_asyncio.fixture
-async def conn(agent: FakeAgentServer) -> AsyncIterator[AgentConnection]:
-    connection = AgentConnection(agent.address, call_timeout=5.0)
+async def conn(agent: FakeAgentServer) -> AsyncIterator[AgentClient]:
+    connection = AgentClient(agent.address, call_timeout=5.0, wait_for_ready=True)
     yield connection
     await connection.close()
 
@@ -118,7 +118,7 @@ def join_stdin_reader(fd: int) -> None:
             assert not thread.is_alive(), f"stdin reader of fd {fd} still runs"
 
 
-async def run_shim(shim: Shim, conn: AgentConnection, agent: FakeAgentServer,
+async def run_shim(shim: Shim, conn: AgentClient, agent: FakeAgentServer,
                    argv: Sequence[str], *, stdin_data: bytes | None = None,
                    exec_id: str = "", **kwargs: object) -> tuple[int, bytes, bytes]:
     """Register ``argv``, run ``shim`` on it with pipes; (exit code, stdout, stderr)."""
@@ -173,19 +173,19 @@ def test_unknown_shim_lists_the_valid_names() -> None:
 # --- builtin -----------------------------------------------------------------
 
 
-async def test_builtin_relays_stdout(conn: AgentConnection, agent: FakeAgentServer) -> None:
+async def test_builtin_relays_stdout(conn: AgentClient, agent: FakeAgentServer) -> None:
     code, out, err = await run_shim(BuiltinShim(), conn, agent, ["echo", "hello"])
     assert (code, out, err) == (0, b"hello\n", b"")
 
 
-async def test_builtin_keeps_stderr_separate(conn: AgentConnection,
+async def test_builtin_keeps_stderr_separate(conn: AgentClient,
                                              agent: FakeAgentServer) -> None:
     code, out, err = await run_shim(BuiltinShim(), conn, agent,
                                     ["sh", "-c", "echo out; echo err >&2"])
     assert (code, out, err) == (0, b"out\n", b"err\n")
 
 
-async def test_builtin_one_mib_round_trip_is_byte_exact(conn: AgentConnection,
+async def test_builtin_one_mib_round_trip_is_byte_exact(conn: AgentClient,
                                                         agent: FakeAgentServer) -> None:
     data = os.urandom(ONE_MIB)
     code, out, _ = await run_shim(BuiltinShim(), conn, agent, ["cat"], stdin_data=data)
@@ -197,21 +197,21 @@ async def test_builtin_one_mib_round_trip_is_byte_exact(conn: AgentConnection,
 
 
 @pytest.mark.parametrize("stdin_data", [b"abc", b"", None], ids=["data", "empty", "none"])
-async def test_builtin_stdin_eof_ends_cat(conn: AgentConnection, agent: FakeAgentServer,
+async def test_builtin_stdin_eof_ends_cat(conn: AgentClient, agent: FakeAgentServer,
                                           stdin_data: bytes | None) -> None:
     code, out, _ = await run_shim(BuiltinShim(), conn, agent, ["cat"], stdin_data=stdin_data)
     assert code == 0
     assert out == (stdin_data or b"")
 
 
-async def test_builtin_exit_code_propagates(conn: AgentConnection,
+async def test_builtin_exit_code_propagates(conn: AgentClient,
                                             agent: FakeAgentServer) -> None:
     code, out, _ = await run_shim(BuiltinShim(), conn, agent,
                                   ["sh", "-c", "echo bye; exit 3"], exec_id="e1")
     assert (code, out) == (3, b"bye\n")
 
 
-async def test_builtin_calls_on_first_output_once(conn: AgentConnection,
+async def test_builtin_calls_on_first_output_once(conn: AgentClient,
                                                   agent: FakeAgentServer) -> None:
     calls: list[int] = []
     code, out, err = await run_shim(
@@ -221,7 +221,7 @@ async def test_builtin_calls_on_first_output_once(conn: AgentConnection,
     assert calls == [1]
 
 
-async def test_builtin_survives_a_closed_host_stdout(conn: AgentConnection,
+async def test_builtin_survives_a_closed_host_stdout(conn: AgentClient,
                                                      agent: FakeAgentServer) -> None:
     """EPIPE on stdout: stop writing it, but keep relaying stderr to the end."""
     await agent.containers.register(CID, "", ["sh", "-c", "head -c 300000 /dev/zero; "
@@ -238,7 +238,7 @@ async def test_builtin_survives_a_closed_host_stdout(conn: AgentConnection,
     assert err.result() == b"err\n"
 
 
-async def test_builtin_process_exiting_while_stdin_is_sent(conn: AgentConnection,
+async def test_builtin_process_exiting_while_stdin_is_sent(conn: AgentClient,
                                                             agent: FakeAgentServer) -> None:
     """The agent ends the stream while stdin is still being written: grpc aio then
     reports INTERNAL for the write (grpc/grpc#36066), which is no failure."""
@@ -255,7 +255,7 @@ async def test_builtin_process_exiting_while_stdin_is_sent(conn: AgentConnection
     assert (code, len(out)) == (0, 10)
 
 
-async def test_builtin_open_stdin_leaves_no_task_behind(conn: AgentConnection,
+async def test_builtin_open_stdin_leaves_no_task_behind(conn: AgentClient,
                                                         agent: FakeAgentServer) -> None:
     """Host stdin never reaches EOF (like a terminal): once the process ended,
     nothing keeps consuming it."""
@@ -289,7 +289,7 @@ class _Recorder:
 
 @pytest.mark.parametrize("shim_cls", [BuiltinShim, NoopShim])
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
-async def test_signals_to_the_client_are_forwarded(conn: AgentConnection, agent: FakeAgentServer,
+async def test_signals_to_the_client_are_forwarded(conn: AgentClient, agent: FakeAgentServer,
                                                    shim_cls: type[Shim],
                                                    signum: signal.Signals) -> None:
     host = await agent.containers.register(CID, "", ["sleep", "30"])
@@ -308,7 +308,7 @@ async def test_signals_to_the_client_are_forwarded(conn: AgentConnection, agent:
     assert host.signals == [signum]
 
 
-async def test_builtin_default_handler_is_restored(conn: AgentConnection,
+async def test_builtin_default_handler_is_restored(conn: AgentClient,
                                                    agent: FakeAgentServer) -> None:
     before = signal.getsignal(signal.SIGTERM)
     await agent.containers.register(CID, "", ["sleep", "30"])
@@ -323,7 +323,7 @@ def _set_winsize(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-async def test_builtin_terminal_raw_mode_and_resizes(conn: AgentConnection,
+async def test_builtin_terminal_raw_mode_and_resizes(conn: AgentClient,
                                                      agent: FakeAgentServer) -> None:
     """A tty on the host: raw while relaying and restored after; the initial size
     and a SIGWINCH resize reach the agent."""
@@ -356,7 +356,7 @@ async def test_builtin_terminal_raw_mode_and_resizes(conn: AgentConnection,
     assert host.sizes == [(40, 100), (50, 120)]
 
 
-async def test_builtin_without_a_tty_sends_no_resize(conn: AgentConnection,
+async def test_builtin_without_a_tty_sends_no_resize(conn: AgentClient,
                                                      agent: FakeAgentServer) -> None:
     await agent.containers.register(CID, "", ["true"])
     out, err = Drain(), Drain()
@@ -370,7 +370,7 @@ async def test_builtin_without_a_tty_sends_no_resize(conn: AgentConnection,
 # --- noop --------------------------------------------------------------------
 
 
-async def test_noop_relays_nothing_but_returns_the_exit_code(conn: AgentConnection,
+async def test_noop_relays_nothing_but_returns_the_exit_code(conn: AgentClient,
                                                              agent: FakeAgentServer) -> None:
     code, out, err = await run_shim(NoopShim(), conn, agent,
                                     ["sh", "-c", "echo hello; echo oops >&2; exit 4"])
@@ -380,14 +380,14 @@ async def test_noop_relays_nothing_but_returns_the_exit_code(conn: AgentConnecti
 # --- standalone ----------------------------------------------------------------
 
 
-async def test_standalone_relays_stdout(conn: AgentConnection, agent: FakeAgentServer) -> None:
+async def test_standalone_relays_stdout(conn: AgentClient, agent: FakeAgentServer) -> None:
     code, out, err = await run_shim(StandaloneShim(), conn, agent,
                                     ["sh", "-c", "echo hello; echo err >&2"],
                                     shim_address=agent.address)
     assert (code, out, err) == (0, b"hello\n", b"err\n")
 
 
-async def test_standalone_one_mib_round_trip_is_byte_exact(conn: AgentConnection,
+async def test_standalone_one_mib_round_trip_is_byte_exact(conn: AgentClient,
                                                            agent: FakeAgentServer) -> None:
     data = os.urandom(ONE_MIB)
     code, out, _ = await run_shim(StandaloneShim(), conn, agent, ["cat"], stdin_data=data,
@@ -396,14 +396,14 @@ async def test_standalone_one_mib_round_trip_is_byte_exact(conn: AgentConnection
     assert hashlib.sha256(out).hexdigest() == hashlib.sha256(data).hexdigest()
 
 
-async def test_standalone_exit_code_propagates(conn: AgentConnection,
+async def test_standalone_exit_code_propagates(conn: AgentClient,
                                                agent: FakeAgentServer) -> None:
     code, _, _ = await run_shim(StandaloneShim(), conn, agent, ["sh", "-c", "exit 3"],
                                 exec_id="e3", shim_address=agent.address)
     assert code == 3
 
 
-async def test_standalone_forwards_the_clients_signals(conn: AgentConnection,
+async def test_standalone_forwards_the_clients_signals(conn: AgentClient,
                                                        agent: FakeAgentServer) -> None:
     """SIGTERM to the client -> the shim process -> the agent -> the process."""
     host = await agent.containers.register(CID, "", ["sh", "-c", "echo ready; exec sleep 30"])
@@ -428,7 +428,7 @@ async def test_standalone_forwards_the_clients_signals(conn: AgentConnection,
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-async def test_standalone_without_a_shared_address_is_refused(conn: AgentConnection) -> None:
+async def test_standalone_without_a_shared_address_is_refused(conn: AgentClient) -> None:
     with pytest.raises(ClientError, match="kataProxy"):
         await StandaloneShim().run(conn, CID, "", terminal=False)
 
@@ -438,7 +438,7 @@ async def test_standalone_without_a_shared_address_is_refused(conn: AgentConnect
 
 async def spawn_shim_process(args: Sequence[str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runtime_client.shim", *args, stdin=subprocess.DEVNULL,
+        sys.executable, "-m", "runtime_client.shims", *args, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=shim_env())
 
 

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import qemu_pids_under
 from vmfactory.config import scratch_config
 from vmfactory.guest.image import GuestImage
-from vmfactory.server.grpc_service import socket_accepts
+from vmfactory.util.sockets import socket_accepts
 
 POOL_READY_TIMEOUT_S = 180.0
 

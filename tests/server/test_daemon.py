@@ -15,8 +15,8 @@ import grpc
 import psutil
 import pytest
 
-from runtime_client.errors import InvalidRequest, NotFound, NoVmInTime
-from runtime_client.factory_client import FactoryClient
+from vmfactory.errors import InvalidRequest, LeaseNotFound, PoolEmpty
+from vmfactory.server.client import FactoryClient
 from tests.server.conftest import (
     POOL_READY_TIMEOUT_S, DaemonProc, assert_clean, start_daemon, stop_daemon, write_config,
 )
@@ -51,7 +51,7 @@ async def test_get_and_release(daemon: DaemonProc) -> None:
         assert not Path(handle.agent_socket).exists()
         status = await pool_ready(client)
         assert status.pools[0].handouts >= 1
-        with pytest.raises(NotFound):
+        with pytest.raises(LeaseNotFound):
             await client.release(handle.lease_id)
 
 
@@ -81,7 +81,7 @@ async def test_killed_pooled_vm_is_replaced_not_handed_out(daemon: DaemonProc) -
 async def test_empty_pool_honours_the_deadline(daemon: DaemonProc) -> None:
     async with FactoryClient(str(daemon.socket)) as client:
         start = time.monotonic()
-        with pytest.raises(NoVmInTime, match="DEADLINE_EXCEEDED"):
+        with pytest.raises(PoolEmpty, match="DEADLINE_EXCEEDED"):
             await client.get_vm(cpus=2, timeout=0.5)
         assert 0.4 < time.monotonic() - start < 2.0
         empty = {p.name: p for p in (await client.status()).pools}["empty"]
@@ -96,7 +96,7 @@ async def test_lease_ttl_reclaims_the_vm(daemon: DaemonProc) -> None:
         while psutil.pid_exists(handle.pid):
             assert time.monotonic() < deadline, "lease was not reclaimed"
             await asyncio.sleep(0.1)
-        with pytest.raises(NotFound):
+        with pytest.raises(LeaseNotFound):
             await client.release(handle.lease_id)
 
 
@@ -134,10 +134,10 @@ async def test_expired_deadline_and_unknown_lease(daemon: DaemonProc) -> None:
         # A deadline that has passed on arrival is INVALID_ARGUMENT; one that passes
         # in flight is grpc's own DEADLINE_EXCEEDED.  Either way: rejected at once.
         start = time.monotonic()
-        with pytest.raises((InvalidRequest, NoVmInTime)):
+        with pytest.raises((InvalidRequest, PoolEmpty)):
             await client.get_vm(timeout=0.0001)
         assert time.monotonic() - start < 1.0
-        with pytest.raises(NotFound, match="no lease 'deadbeef'"):
+        with pytest.raises(LeaseNotFound, match="no lease 'deadbeef'"):
             await client.release("deadbeef")
         assert (await client.status()).pools[0].name == "small"
 

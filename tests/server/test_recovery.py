@@ -15,8 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from runtime_client.errors import ClientError
-from runtime_client.factory_client import FactoryClient
+from vmfactory.errors import VmFactoryError
+from vmfactory.server.client import FactoryClient
 from tests.conftest import qemu_pids_under
 from tests.server.conftest import assert_clean, start_daemon, stop_daemon, write_config
 from tests.server.test_daemon import pool_ready
@@ -54,7 +54,7 @@ async def _churn(socket: str, stop: asyncio.Event) -> int:
     cycles = 0
     async with FactoryClient(socket, timeout=30) as client:
         while not stop.is_set():
-            with contextlib.suppress(ClientError):
+            with contextlib.suppress(VmFactoryError):
                 handle = await client.get_vm(client="churn")
                 await client.release(handle.lease_id)
                 cycles += 1

@@ -11,6 +11,7 @@ from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.sequence import prepare_vm
 from vmfactory.factory.spec import resolve_spec
 from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class DirectFactory(FactoryBase):
             await prepare_vm(vm)  # the get-VM sequence, as every base runs it
         except BaseException:
             self.failed += 1
-            await vm.stop()
+            await finish(vm.stop())
             raise
         self.booted += 1
         return vm

@@ -16,6 +16,7 @@ import time
 from vmfactory.config import VmConfig
 from vmfactory.errors import FactoryError, VmFactoryError
 from vmfactory.hypervisor.base import Vm, VmState
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +57,10 @@ async def prepare_vm(vm: Vm, want: VmConfig | None = None, *,
             await _grow(vm, want)
             steps[step] = (time.monotonic() - t) * 1000
     except (VmFactoryError, OSError) as exc:
-        await vm.stop()
+        await finish(vm.stop())
         raise FactoryError(f"get-vm step {step} failed for vm {vm.id}: {exc}") from exc
     except BaseException:
-        await asyncio.shield(vm.stop())  # cancelled: nobody will get this VM
+        await finish(vm.stop())  # cancelled: nobody will get this VM
         raise
     return steps
 

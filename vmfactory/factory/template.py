@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from vmfactory.errors import TemplateError
-from vmfactory.hypervisor.base import VmSpec
-from vmfactory.hypervisor.qemu import QemuHypervisor, QemuVm
+from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec
+from vmfactory.util.states import Lifecycle, require
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +85,24 @@ def spec_from_record(record: dict[str, Any]) -> VmSpec:
     return VmSpec.from_record(record)
 
 
-class Template:
+class Template(Lifecycle[TemplateState]):
     """One template directory and its lifecycle."""
 
-    def __init__(self, directory: Path, hypervisor: QemuHypervisor) -> None:
+    def __init__(self, directory: Path, hypervisor: Hypervisor) -> None:
         self.directory = directory
         self.hypervisor = hypervisor
         self.record: dict[str, Any] = {}
-        self.state = TemplateState.ABSENT
+        self._set_state(TemplateState.ABSENT)
         if self.record_file.exists():
             self.record = json.loads(self.record_file.read_text())
-            self.state = TemplateState.READY
+            self._set_state(TemplateState.READY)
+
+    @property
+    def name(self) -> str:
+        return self.directory.name
+
+    def _state_error(self, operation: str) -> Exception:
+        return TemplateError(f"template {self.name} is {self.state.value}: cannot {operation}")
 
     @property
     def memory_file(self) -> Path:
@@ -112,18 +120,17 @@ class Template:
     def spec(self) -> VmSpec:
         return spec_from_record(self.record["spec"])
 
+    @require(TemplateState.ABSENT, TemplateState.DESTROYED)
     async def create(self, spec: VmSpec) -> None:
-        """Boot a template VM from ``spec``, save it, stop its QEMU."""
-        if self.state not in (TemplateState.ABSENT, TemplateState.DESTROYED):
-            raise TemplateError(f"template {self.directory.name} is {self.state.value}")
-        self.state = TemplateState.CREATING
+        """Boot a template VM from ``spec``, save it, stop its VM."""
+        self._set_state(TemplateState.CREATING)
         try:
             await self._build(spec)
         except BaseException:
             _remove_template_dir(self.directory)
-            self.state = TemplateState.ABSENT
+            self._set_state(TemplateState.ABSENT)
             raise
-        self.state = TemplateState.READY
+        self._set_state(TemplateState.READY)
 
     async def _build(self, spec: VmSpec) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=False)
@@ -141,7 +148,7 @@ class Template:
             await asyncio.sleep(QUIESCE_S)
             await vm.save_state(self.state_file)
         finally:
-            await vm.stop()
+            await finish(vm.stop())
         self.record = {"spec": spec_record(spec), "qemu_version": qemu_version(spec.vm.qemu),
                        "created_at": time.time(), "clone_count": 0,
                        "state_bytes": self.state_file.stat().st_size,
@@ -189,11 +196,11 @@ class Template:
                 return f"vm.{key} differs from the template's"
         return None
 
-    async def clone(self, vm_id: str | None = None) -> QemuVm:
+    async def clone(self, vm_id: str | None = None) -> Vm:
         """A RUNNING clone whose agent answered."""
         problem = self.problem()
         if problem:
-            raise TemplateError(f"template {self.directory.name}: {problem}")
+            raise TemplateError(f"template {self.name}: {problem}")
         spec = dataclasses.replace(self.spec, memory_path=self.memory_file,
                                    memory_shared=False, incoming=self.state_file)
         vm = self.hypervisor.create_vm(spec, vm_id)
@@ -206,20 +213,20 @@ class Template:
         """Remove the template's files; idempotent."""
         self.remove()
 
+    @require(TemplateState.ABSENT, TemplateState.READY, TemplateState.DESTROYED,
+             operation="remove")
     def remove(self) -> None:
         """:meth:`destroy` for callers outside the event loop."""
-        if self.state is TemplateState.CREATING:
-            raise TemplateError(f"template {self.directory.name} is being created")
         _remove_template_dir(self.directory)
         try:
             self.directory.parent.rmdir()  # the template_dir, only when empty
         except OSError:
             pass
         self.record = {}
-        self.state = TemplateState.DESTROYED
+        self._set_state(TemplateState.DESTROYED)
 
     def status(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.directory.name, "state": self.state.value,
+        out: dict[str, Any] = {"name": self.name, "state": self.state.value,
                                "directory": str(self.directory)}
         if self.record:
             out.update({k: self.record[k] for k in ("created_at", "clone_count", "state_bytes",

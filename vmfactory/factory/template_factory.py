@@ -20,9 +20,8 @@ from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.direct import DirectFactory
 from vmfactory.factory.sequence import prepare_vm
 from vmfactory.factory.template import Template, TemplateState
-from vmfactory.hypervisor.base import Vm
-from vmfactory.hypervisor.qemu import QemuHypervisor
-from vmfactory.tasks import TaskOwner
+from vmfactory.hypervisor.base import Hypervisor, Vm
+from vmfactory.util.tasks import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +37,14 @@ class TemplateFactory(FactoryBase):
 
     name = "template"
 
-    def __init__(self, config: Config, hypervisor: QemuHypervisor,
-                 direct: DirectFactory | None = None) -> None:
+    def __init__(self, config: Config, hypervisor: Hypervisor, direct: DirectFactory) -> None:
         self.config = config
         self.hypervisor = hypervisor
-        self.direct = direct or DirectFactory(config, hypervisor)
+        self.direct = direct
         self.template = self._adopt_newest()
         self._create_lock = asyncio.Lock()
-        self._tasks = TaskOwner("template-factory")
+        # Rotation runs here, once at a time; its failure keeps the current template.
+        self._tasks = Supervisor("template-factory")
         self.clones = 0
         self.rotations = 0
         self.fallbacks: Counter[str] = Counter()
@@ -67,9 +66,6 @@ class TemplateFactory(FactoryBase):
     def _new_generation(self) -> Template:
         directory = self.config.paths.template_dir / f"{self.config.template.name}.{time.time_ns()}"
         return Template(directory, self.hypervisor)
-
-    async def start(self) -> None:
-        await self._tasks.start()
 
     async def ensure_template(self) -> Template:
         async with self._create_lock:
@@ -110,8 +106,8 @@ class TemplateFactory(FactoryBase):
     def _maybe_rotate(self) -> None:
         why = self.needs_rotation()
         if why and not self._tasks.running("rotate"):
-            logger.info("rotating template %s (%s)", self.template.directory.name, why)
-            self._tasks.spawn(self._rotate(), "rotate")
+            logger.info("rotating template %s (%s)", self.template.name, why)
+            self._tasks.spawn("rotate", self._rotate)
 
     async def _rotate(self) -> None:
         """Build the next generation beside the current one, then swap."""
@@ -136,6 +132,8 @@ class TemplateFactory(FactoryBase):
                 "template": self.template.status(), "direct": self.direct.status()}
 
     async def close(self) -> None:
+        """Stop a rotation in progress (its half-built generation is removed) and the
+        direct base; the current template stays for :meth:`Template.destroy`."""
         await self._tasks.close()
         await self.direct.close()
 

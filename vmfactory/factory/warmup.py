@@ -15,16 +15,18 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+from vmfactory.agent.client import AgentClient, ProcessRequest
 from vmfactory.errors import AgentError, FactoryError
 from vmfactory.hypervisor.base import Vm
 from vmfactory.proto import agent_pb2 as pb
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
 WARMUP_ID = "vmfactory-warmup"
 WARMUP_SERIAL = "vmf-warmup"
-WARMUP_PROCESS = pb.Process(args=["/usr/bin/busybox", "echo", "warm"], env=["PATH=/usr/bin"],
-                            cwd="/", stdio=True)
+WARMUP_PROCESS = ProcessRequest(args=("/usr/bin/busybox", "echo", "warm"),
+                                env=("PATH=/usr/bin",))
 
 
 async def warm_container_path(vm: Vm) -> float:
@@ -34,49 +36,38 @@ async def warm_container_path(vm: Vm) -> float:
     t0 = time.monotonic()
     await vm.attach_disk(vm.spec.rootfs, WARMUP_SERIAL)
     try:
-        await _run(vm)
+        await _run(vm.agent, vm.timeouts.hotplug)
     finally:
-        await vm.detach_disk(WARMUP_SERIAL)
+        await finish(vm.detach_disk(WARMUP_SERIAL))
     return (time.monotonic() - t0) * 1000
 
 
-async def _run(vm: Vm) -> None:
-    agent = vm.agent
-    assert agent is not None
-    stub, timeout = agent.containers, vm.timeouts.agent_call
-    await agent.call("warmup-create", stub.CreateContainer, pb.CreateContainerRequest(
-        container_id=WARMUP_ID, disk_serial=WARMUP_SERIAL, process=WARMUP_PROCESS,
-        disk_timeout_s=vm.timeouts.hotplug), timeout + vm.timeouts.hotplug)
+async def _run(agent: AgentClient, disk_timeout: float) -> None:
+    await agent.create_container(WARMUP_ID, WARMUP_SERIAL, "", WARMUP_PROCESS, disk_timeout)
     try:
-        output = asyncio.ensure_future(_read_output(stub.IoStream(_io_requests(),
-                                                                  timeout=timeout)))
+        output = asyncio.ensure_future(_read_output(agent.io_stream(
+            WARMUP_ID, "", _close_stdin(), timeout=agent.call_timeout)))
         try:
-            await agent.call("warmup-start", stub.StartContainer,
-                             pb.StartContainerRequest(container_id=WARMUP_ID))
+            await agent.start_container(WARMUP_ID)
             if await output != b"warm\n":
                 raise AgentError("warmup", "the throwaway container printed the wrong output")
         finally:
             if not output.done():
                 output.cancel()
                 await asyncio.gather(output, return_exceptions=True)
-        reply = await agent.call("warmup-wait", stub.WaitProcess,
-                                 pb.WaitProcessRequest(container_id=WARMUP_ID))
-        if reply.exit_code != 0:
-            raise AgentError("warmup", f"the throwaway container exited {reply.exit_code}")
+        code = await agent.wait(WARMUP_ID, timeout=agent.call_timeout)
+        if code != 0:
+            raise AgentError("warmup", f"the throwaway container exited {code}")
     finally:
-        await agent.call("warmup-remove", stub.RemoveContainer,
-                         pb.RemoveContainerRequest(container_id=WARMUP_ID, force=True))
+        await finish(agent.remove_container(WARMUP_ID, force=True))
 
 
-async def _io_requests() -> AsyncIterator[pb.IoInput]:
-    yield pb.IoInput(container_id=WARMUP_ID, close_stdin=True)
+async def _close_stdin() -> AsyncIterator[pb.IoInput]:
+    yield pb.IoInput(close_stdin=True)
 
 
-async def _read_output(call: AsyncIterator[pb.IoOutput]) -> bytes:
+async def _read_output(outputs: AsyncIterator[pb.IoOutput]) -> bytes:
     out = bytearray()
-    try:
-        async for item in call:
-            out += item.stdout
-    except Exception as exc:  # noqa: BLE001 - grpc's error types, named for the caller
-        raise AgentError("warmup-io", str(exc)) from exc
+    async for item in outputs:
+        out += item.stdout
     return bytes(out)

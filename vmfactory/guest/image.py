@@ -24,7 +24,7 @@ from pathlib import Path
 from vmfactory.errors import ImageError
 from vmfactory.guest import debs, kmod, rootfs
 from vmfactory.guest.cpio import CpioWriter
-from vmfactory.progress import Progress
+from vmfactory.util.progress import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -1,17 +1,24 @@
 """The hypervisor plugin interface: what the factory needs from a VM.
 
-A :class:`Vm` moves through :class:`VmState` explicitly; an operation called in
-the wrong state raises :class:`VmStateError`.  ``stop()`` is the one idempotent
-teardown: it undoes everything ``start()`` set up, in reverse.
+A :class:`Vm` moves through :class:`VmState` explicitly (``_set_state``); an
+operation guarded by ``@require`` raises :class:`VmStateError` in any other
+state.  ``stop()`` is the one idempotent teardown: it undoes everything
+``start()`` (or ``adopt()``) set up, in reverse.
+
+Everything above this package is typed to :class:`Hypervisor` and :class:`Vm`;
+the plugins are ``qemu`` (the product) and ``process`` (a host-process stand-in
+for tests), and only the composition root (``vmfactory.app``) picks one.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
+import re
 import secrets
 import time
-from collections.abc import Callable
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +28,21 @@ import psutil
 from vmfactory.agent import AgentClient
 from vmfactory.agent.control import ControlClient
 from vmfactory.config import TimeoutsConfig, VmConfig
-from vmfactory.errors import HypervisorError, VmStateError
+from vmfactory.errors import HypervisorError, InvalidRequest, VmStateError
+from vmfactory.hypervisor.proc import processes_under
+from vmfactory.util.states import Lifecycle, require
+
+logger = logging.getLogger(__name__)
+
+SERIAL_RE = re.compile(r"^[A-Za-z0-9-]{1,20}$")  # virtio-blk serials hold 20 bytes
+# A VM id names the VM's run directory: nothing that could point elsewhere.
+VM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_serial(serial: str) -> None:
+    """The rule for disk serials (the guest finds a disk by it), as a request error."""
+    if not SERIAL_RE.match(serial):
+        raise InvalidRequest(f"serial {serial!r} must be 1-20 of [A-Za-z0-9-]")
 
 
 class VmState(enum.Enum):
@@ -49,6 +70,11 @@ class VmSpec:
     memory_shared: bool = False
     # Restore device state from this file instead of booting (a template clone).
     incoming: Path | None = None
+
+    @property
+    def is_clone(self) -> bool:
+        """Whether a VM of this spec is restored from a template rather than booted."""
+        return self.incoming is not None
 
     def to_record(self) -> dict[str, Any]:
         """JSON-ready form, for metadata records."""
@@ -102,7 +128,10 @@ def new_vm_id() -> str:
     return secrets.token_hex(4)
 
 
-class Vm(ABC):
+LIVE = (VmState.RUNNING, VmState.PAUSED)
+
+
+class Vm(Lifecycle[VmState], ABC):
     """One VM and its agent channel."""
 
     def __init__(self, spec: VmSpec, run_dir: Path, timeouts: TimeoutsConfig,
@@ -111,7 +140,7 @@ class Vm(ABC):
         self.spec = spec
         self.run_dir = run_dir / self.id
         self.timeouts = timeouts
-        self.state = VmState.CREATED
+        self._set_state(VmState.CREATED)
         self.timings = BootTimings()
         self.agent: AgentClient | None = None
         self.control: ControlClient | None = None
@@ -123,14 +152,31 @@ class Vm(ABC):
         # Called once the VM is stopped (e.g. to drop its metadata record).
         self.stop_callbacks: list[Callable[[Vm], None]] = []
 
-    def _stopped(self) -> None:
-        callbacks, self.stop_callbacks = self.stop_callbacks, []
-        for callback in callbacks:
-            callback(self)
+    def _state_error(self, operation: str) -> Exception:
+        return VmStateError(operation, self.state.value)
 
-    def _require(self, operation: str, *allowed: VmState) -> None:
-        if self.state not in allowed:
-            raise VmStateError(operation, self.state.value)
+    def _lifecycle_name(self) -> str:
+        return f"vm {self.id}"
+
+    def _stopped(self) -> None:
+        """STOPPED, then the stop callbacks; every callback runs even if one fails,
+        and the first failure is raised after all of them."""
+        self._set_state(VmState.STOPPED)
+        callbacks, self.stop_callbacks = self.stop_callbacks, []
+        first: Exception | None = None
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, after the others ran
+                logger.error("vm %s: stop callback failed: %s", self.id, exc)
+                first = first or exc
+        if first is not None:
+            raise first
+
+    @property
+    def alive(self) -> bool:
+        """Whether the VM's process runs and the VM is running or paused."""
+        return self.pid is not None and self.state in LIVE
 
     async def disconnect_agent(self) -> None:
         """Close the host's agent connections (gRPC and control); idempotent."""
@@ -157,15 +203,25 @@ class Vm(ABC):
     def pid(self) -> int | None:
         """The process that holds the VM, while it runs."""
 
+    @require(*LIVE)
     def memory(self) -> MemoryUsage:
         """Host memory used by the VM's process."""
-        self._require("memory", VmState.RUNNING, VmState.PAUSED)
         assert self.pid is not None
         return MemoryUsage.of_pid(self.pid)
 
     @abstractmethod
     async def start(self) -> None:
         """Boot and wait until the agent answers (CREATED -> RUNNING)."""
+
+    @abstractmethod
+    async def adopt(self, pid: int) -> None:
+        """Take over the process ``pid`` an earlier daemon started for this VM
+        (CREATED -> RUNNING or PAUSED, as it is found); its agent must answer."""
+
+    async def save_state(self, state: Path) -> None:
+        """Pause and save device state to ``state`` (guest RAM stays in its memory
+        file): what a template is made of."""
+        raise HypervisorError("save", f"{type(self).__name__} cannot save its state")
 
     @abstractmethod
     async def pause(self) -> None:
@@ -201,18 +257,34 @@ class Hypervisor(ABC):
 
     name: str = "abstract"
     vm_class: type[Vm]
+    # A word in the command line of every VM process this plugin starts.
+    process_marker: str = ""
 
     def __init__(self, run_dir: Path, timeouts: TimeoutsConfig) -> None:
         self.run_dir = run_dir
         self.timeouts = timeouts
 
     def create_vm(self, spec: VmSpec, vm_id: str | None = None) -> Vm:
-        """A new VM in state CREATED; call ``start()`` to boot it."""
+        """A new VM in state CREATED; call ``start()`` to boot it (or ``adopt()``
+        the process of the VM ``vm_id`` an earlier daemon started)."""
+        if vm_id is not None and not VM_ID_RE.match(vm_id):
+            raise HypervisorError("create", f"bad vm id {vm_id[:80]!r}")
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.vm_class(spec, self.run_dir, self.timeouts, vm_id)
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name}
 
+    def vm_processes(self) -> dict[int, str]:
+        """pid -> VM id of every live VM process of this plugin under ``run_dir``,
+        ours or an earlier daemon's (crash recovery reaps those it cannot adopt)."""
+        marker = f"{self.run_dir}/"
+        out = {}
+        for proc in processes_under(self.run_dir, self.process_marker):
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            out[proc.info["pid"]] = cmdline.split(marker, 1)[1].split("/", 1)[0]
+        return out
 
-__all__ = ["BootTimings", "Hypervisor", "MemoryUsage", "Vm", "VmSpec", "VmState"]
+
+__all__ = ["BootTimings", "Hypervisor", "LIVE", "MemoryUsage", "SERIAL_RE", "Vm", "VmSpec",
+           "VmState", "check_serial"]

@@ -1,5 +1,6 @@
 """Handles on a VM's host process: one we spawned, or one we adopted after a
-daemon restart (QEMU runs in its own session and outlives a crashed daemon)."""
+daemon restart (QEMU runs in its own session and outlives a crashed daemon);
+and the one scan for VM processes under a directory."""
 
 from __future__ import annotations
 
@@ -7,10 +8,27 @@ import asyncio
 import os
 import signal
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import psutil
 
 ADOPTED_POLL_S = 0.05
+QEMU_MARKER = "qemu-system"
+
+
+def processes_under(root: Path, marker: str = QEMU_MARKER) -> list[psutil.Process]:
+    """Live processes whose command line holds ``marker`` and a path under ``root``
+    (QEMU by default): what recovery reaps and what leak checks look for.  Each
+    has ``info["pid"]`` and ``info["cmdline"]``."""
+    under = f"{root}/"
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if proc.info["status"] == psutil.STATUS_ZOMBIE:
+            continue
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if marker in cmdline and under in cmdline:
+            found.append(proc)
+    return found
 
 
 class ProcessHandle(ABC):

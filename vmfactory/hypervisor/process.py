@@ -2,8 +2,10 @@
 
 The guest agent runs as an ordinary host process on a unix socket, with its
 clock and RNG operations simulated (``--standin``).  Pause/resume are
-SIGSTOP/SIGCONT.  It lets the layers above (factory, pools, daemon) be tested in
-milliseconds; it is never used on the product's path.
+SIGSTOP/SIGCONT; the process leads its own session, so like QEMU it outlives a
+killed daemon and can be adopted again.  It lets the layers above (factory,
+pools, leases, recovery, the daemon) be tested in milliseconds; it is never
+used on the product's path.
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 from vmfactory.agent import AgentClient
 from vmfactory.errors import HypervisorError
 from vmfactory.hypervisor.base import Hypervisor, Vm, VmState
-from vmfactory.hypervisor.proc import ChildProcess
+from vmfactory.hypervisor.proc import AdoptedProcess, ChildProcess, ProcessHandle
+from vmfactory.util.states import require
+from vmfactory.util.tasks import finish
+
+AGENT_MODULE = "vmfactory.guest.agent"
 
 
 class ProcessVm(Vm):
@@ -27,58 +35,88 @@ class ProcessVm(Vm):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._proc: ChildProcess | None = None
+        self._proc: ProcessHandle | None = None
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc and self._proc.returncode is None else None
 
+    @require(VmState.CREATED)
     async def start(self) -> None:
-        self._require("start", VmState.CREATED)
-        self.state = VmState.STARTING
+        self._set_state(VmState.STARTING)
         t0 = time.monotonic()
         try:
             self.run_dir.mkdir(mode=0o700, parents=True)
             self._proc = ChildProcess(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "vmfactory.guest.agent", "--standin",
+                sys.executable, "-m", AGENT_MODULE, "--standin",
                 "--listen", f"unix:{self.agent_socket}",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL, start_new_session=True))
             self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
-            self.agent = AgentClient(f"unix:{self.agent_socket}", self.timeouts.agent_call)
-            try:
-                await self.agent.wait_ready(self.timeouts.agent_ready)
-            except Exception as exc:
-                raise HypervisorError("agent-ready", str(exc)) from exc
+            await self._connect_agent()
             self.timings.agent_ready_ms = (time.monotonic() - t0) * 1000
         except BaseException:
-            self.state = VmState.FAILED
-            await self._teardown()
+            self._set_state(VmState.FAILED)
+            await finish(self._teardown())
             raise
-        self.state = VmState.RUNNING
+        self._set_state(VmState.RUNNING)
 
+    @require(VmState.CREATED)
+    async def adopt(self, pid: int) -> None:
+        self._set_state(VmState.STARTING)
+        try:
+            self._proc, paused = self._adoptable(pid)
+            if paused:
+                os.kill(pid, signal.SIGCONT)  # the agent answers only while it runs
+            await self._connect_agent()
+            if paused:
+                os.kill(pid, signal.SIGSTOP)
+        except BaseException:
+            self._set_state(VmState.FAILED)
+            await finish(self._teardown())
+            raise
+        self._set_state(VmState.PAUSED if paused else VmState.RUNNING)
+
+    def _adoptable(self, pid: int) -> tuple[AdoptedProcess, bool]:
+        """The stand-in process ``pid`` of this VM, and whether it is stopped."""
+        try:
+            proc = psutil.Process(pid)
+            cmdline, status = " ".join(proc.cmdline()), proc.status()
+            handle = AdoptedProcess(pid)
+        except psutil.Error as exc:
+            raise HypervisorError("adopt", f"no process {pid}: {exc}") from exc
+        if str(self.agent_socket) not in cmdline or handle.returncode is not None:
+            raise HypervisorError("adopt", f"process {pid} is not the stand-in of {self.run_dir}")
+        return handle, status == psutil.STATUS_STOPPED
+
+    async def _connect_agent(self) -> None:
+        self.agent = AgentClient(f"unix:{self.agent_socket}", self.timeouts.agent_call)
+        try:
+            await self.agent.wait_ready(self.timeouts.agent_ready)
+        except Exception as exc:
+            raise HypervisorError("agent-ready", str(exc)) from exc
+
+    @require(VmState.RUNNING)
     async def pause(self) -> None:
-        self._require("pause", VmState.RUNNING)
         assert self._proc is not None
         os.kill(self._proc.pid, signal.SIGSTOP)
-        self.state = VmState.PAUSED
+        self._set_state(VmState.PAUSED)
 
+    @require(VmState.PAUSED)
     async def resume(self) -> None:
-        self._require("resume", VmState.PAUSED)
         assert self._proc is not None
         os.kill(self._proc.pid, signal.SIGCONT)
-        self.state = VmState.RUNNING
+        self._set_state(VmState.RUNNING)
 
     async def stop(self) -> None:
         if self.state in (VmState.CREATED, VmState.STOPPED, VmState.FAILED):
-            if self.state == VmState.CREATED:
-                self.state = VmState.STOPPED
+            if self.state is VmState.CREATED:
+                self._set_state(VmState.STOPPED)
             return
-        self.state = VmState.STOPPING
+        self._set_state(VmState.STOPPING)
         try:
-            await self._teardown()
+            await finish(self._teardown())
         finally:
-            self.state = VmState.STOPPED
             self._stopped()
 
     async def _teardown(self) -> None:
@@ -93,3 +131,4 @@ class ProcessHypervisor(Hypervisor):
 
     name = "process-standin"
     vm_class = ProcessVm
+    process_marker = AGENT_MODULE

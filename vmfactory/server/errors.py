@@ -1,4 +1,11 @@
-"""The one place vmfactory errors become gRPC status codes (server side)."""
+"""The Factory API's one error table: vmfactory errors <-> gRPC statuses.
+
+The server answers an error with the status :data:`STATUS_FOR` gives its class
+and names the class in the trailing metadata (``vmfactory-error``); the client
+inverts the table with :func:`error_from_rpc`, so the caller gets the class the
+daemon raised.  A status that names no class (no daemon on the socket, the
+client's own deadline) maps to the first class in the table with that code.
+"""
 
 from __future__ import annotations
 
@@ -11,30 +18,54 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from vmfactory.errors import (
-    ConfigError, DaemonError, InvalidRequest, StoreError, TemplateError, VmFactoryError,
+    AgentError, BackgroundFailure, ConfigError, DaemonError, DaemonUnavailable, FactoryError,
+    HypervisorError, InvalidRequest, LeaseNotFound, NotFound, PoolEmpty, StoreError,
+    TemplateError, VmFactoryError,
 )
-from vmfactory.leases import LeaseNotFound
-from vmfactory.pool import PoolEmpty
 
 logger = logging.getLogger(__name__)
 
-# Most specific first.
+REASON_KEY = "vmfactory-error"
+
+# Most specific first: the first class an error is an instance of decides.
 STATUS_FOR: tuple[tuple[type[VmFactoryError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
     (LeaseNotFound, grpc.StatusCode.NOT_FOUND),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
     (PoolEmpty, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (DaemonUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (BackgroundFailure, grpc.StatusCode.UNAVAILABLE),
     (DaemonError, grpc.StatusCode.UNAVAILABLE),
     (TemplateError, grpc.StatusCode.FAILED_PRECONDITION),
+    (FactoryError, grpc.StatusCode.INTERNAL),
+    (HypervisorError, grpc.StatusCode.INTERNAL),
+    (AgentError, grpc.StatusCode.INTERNAL),
     (StoreError, grpc.StatusCode.INTERNAL),
+    (VmFactoryError, grpc.StatusCode.INTERNAL),
 )
+_BY_NAME = {cls.__name__: cls for cls, _ in STATUS_FOR}
 
 
 def status_code(exc: VmFactoryError) -> grpc.StatusCode:
-    for cls, code in STATUS_FOR:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    return next(code for cls, code in STATUS_FOR if isinstance(exc, cls))
+
+
+def _wire_class(exc: VmFactoryError) -> type[VmFactoryError]:
+    """The class of ``exc`` the client can raise again: the most specific one in
+    the table (a subclass the table does not name travels as its parent)."""
+    return next(cls for cls, _ in STATUS_FOR if isinstance(exc, cls))
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError) -> VmFactoryError:
+    """The client side of the table: the error the daemon raised, same class."""
+    metadata = {k: v for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str)}
+    cls = _BY_NAME.get(metadata.get(REASON_KEY, ""))
+    details = exc.details() or exc.code().name
+    if cls is None:
+        cls = next((c for c, code in STATUS_FOR if code == exc.code()), VmFactoryError)
+        details = f"{exc.code().name}: {details}"
+    return cls.remote(details)
 
 
 class Malformed:
@@ -93,7 +124,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: VmFactoryError) -> None
     code = status_code(exc)
     if code is grpc.StatusCode.INTERNAL:
         logger.error("request failed: %s", exc)
-    await context.abort(code, str(exc))
+    await context.abort(code, str(exc), ((REASON_KEY, _wire_class(exc).__name__),))
 
 
 def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import grp
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,12 +13,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from vmfactory.daemon import Daemon, VmRequest
+from vmfactory.daemon.core import Daemon, VmRequest
 from vmfactory.errors import DaemonError
-from vmfactory.leases import Lease
+from vmfactory.daemon.leases import Lease
 from vmfactory.proto import factory_pb2 as pb
 from vmfactory.proto import factory_pb2_grpc as pb_grpc
 from vmfactory.server.errors import ErrorInterceptor
+from vmfactory.util.sockets import socket_accepts
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def _handle(lease: Lease, get_ms: float) -> pb.VMHandle:
     vm = lease.vm
     return pb.VMHandle(vm_id=vm.id, lease_id=lease.id, agent_socket=str(vm.agent_socket),
                        qmp_socket=str(vm.run_dir / "qmp.sock"), cpus=vm.cpus,
-                       memory_mib=vm.memory_mib, source=lease.source, get_ms=get_ms,
+                       memory_mib=vm.memory_mib, source=lease.source.value, get_ms=get_ms,
                        pid=vm.pid or 0)
 
 
@@ -73,7 +73,7 @@ class FactoryService(pb_grpc.FactoryServicer):
     async def Watch(self, request: pb.WatchRequest,
                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PoolEvent]:
         async for e in self.daemon.events.watch():
-            yield pb.PoolEvent(time=e.time, pool=e.pool, kind=e.kind, vm_id=e.vm_id,
+            yield pb.PoolEvent(time=e.time, pool=e.pool, kind=e.kind.value, vm_id=e.vm_id,
                                detail=e.detail)
 
     async def Quit(self, request: pb.QuitRequest, context: grpc.aio.ServicerContext) -> pb.QuitReply:
@@ -92,20 +92,9 @@ class FactoryService(pb_grpc.FactoryServicer):
         return pb.DetachDiskReply()
 
 
-def socket_accepts(path: Path) -> bool:
-    """Whether something accepts connections on the unix socket ``path`` now."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-
-
 def claim_socket(path: Path) -> None:
-    """Refuse a socket another daemon answers on; remove a stale one."""
+    """Refuse a socket another daemon answers on; remove a stale one (a killed
+    daemon's)."""
     if not path.exists() and not path.is_symlink():
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         return

@@ -1,7 +1,8 @@
 """The vmfactory guest agent: a gRPC service that runs inside each VM.
 
-It ships in the guest image together with ``vmfactory.proto`` and imports
-nothing else from vmfactory, so keep it that way.
+It ships in the guest image together with ``vmfactory.proto`` and
+``vmfactory.errors`` (the root of its error tree, a module without imports) and
+imports nothing else from vmfactory, so keep it that way.
 """
 
 AGENT_PORT_NAME = "vmfactory.agent"

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from vmfactory.guest.agent.containers import ContainerManager
-from vmfactory.guest.agent.errors import BadRequest, ContainerError
+from vmfactory.guest.agent.errors import BadRequest, GuestError, status_of, trailers
 from vmfactory.guest.agent.launch import ProcessPlan
 from vmfactory.guest.agent.process import GuestProcess, read_chunks
 from vmfactory.proto import agent_pb2 as pb
@@ -47,16 +47,17 @@ def process_plan(msg: pb.Process) -> ProcessPlan:
 def _errors() -> Iterator[None]:
     try:
         yield
-    except ContainerError as exc:
-        raise _Abort(getattr(grpc.StatusCode, exc.code), str(exc)) from exc
+    except GuestError as exc:
+        raise _Abort(getattr(grpc.StatusCode, status_of(exc)), str(exc), trailers(exc)) from exc
     except OSError as exc:
         raise _Abort(grpc.StatusCode.INTERNAL, f"{exc}") from exc
 
 
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
         super().__init__(details)
-        self.code, self.details = code, details
+        self.code, self.details, self.metadata = code, details, metadata
 
 
 def _ns_pid(guest_pid: int) -> tuple[int, int, str, str]:
@@ -79,7 +80,7 @@ class ContainerService(pb_grpc.ContainersServicer):
             with _errors():
                 return await coro
         except _Abort as exc:
-            await context.abort(exc.code, exc.details)
+            await context.abort(exc.code, exc.details, exc.metadata)
 
     async def CreateContainer(self, request: pb.CreateContainerRequest,
                               context: grpc.aio.ServicerContext) -> pb.CreateContainerReply:
@@ -176,7 +177,7 @@ class ContainerService(pb_grpc.ContainersServicer):
             with _errors():
                 stdio = proc.claim_io()
         except _Abort as exc:
-            await context.abort(exc.code, exc.details)
+            await context.abort(exc.code, exc.details, exc.metadata)
         feeder = asyncio.ensure_future(self._feed(proc, first, request_iterator))
         try:
             async for item in _merge(stdio.stdout, stdio.stderr):

@@ -180,8 +180,8 @@ class ContainerManager:
                                      return_when=asyncio.FIRST_COMPLETED)
         if ready not in done or ready.exception() is not None:
             ready.cancel()
-            why = await proc.exec_error() if proc.exited.done() else ""
-            raise ExecFailed(why or f"container {container.id}: init did not start in time")
+            failed = await proc.exec_error() if proc.exited.done() else None
+            raise failed or ExecFailed(f"container {container.id}: init did not start in time")
 
     async def start(self, container_id: str) -> None:
         container = self.get(container_id)
@@ -194,9 +194,9 @@ class ContainerManager:
         os.write(container.start_w, b"\x01")
         os.close(container.start_w)
         container.start_w = -1
-        why = await init.exec_error()
-        if why:
-            raise ExecFailed(why)
+        failed = await init.exec_error()
+        if failed is not None:
+            raise failed
         logger.info("container %s started in %.0f ms", container_id, (time.monotonic() - t0) * 1000)
 
     async def exec(self, container_id: str, exec_id: str, process: ProcessPlan,
@@ -215,11 +215,11 @@ class ContainerManager:
         assert container.init is not None
         plan.join_pid = container.init.pid
         proc.launch(self.launcher, plan, status_r, err_r)
-        why = await proc.exec_error()
-        if why:
+        failed = await proc.exec_error()
+        if failed is not None:
             await proc.exited
             proc.close()
-            raise ExecFailed(why)
+            raise failed
         # Its PID (the monitor's "P") may come just after the exec itself.
         await asyncio.wait({proc.started, proc.exited}, return_when=asyncio.FIRST_COMPLETED)
         if not proc.started.done() or proc.started.exception() is not None:

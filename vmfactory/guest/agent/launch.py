@@ -112,6 +112,14 @@ def _write(fd: int, text: str) -> None:
         pass  # the reader is gone (agent restarted): nothing left to tell
 
 
+def _report(fd: int, text: str, exc: BaseException | None = None, stage: str = "setup") -> None:
+    """Why a process could not run, on its exec-error pipe: ``STAGE ERRNO TEXT``
+    (stage ``exec`` when execve itself failed, else ``setup``; errno 0 when no OS
+    error is behind it), read back by GuestProcess.exec_error."""
+    errno = exc.errno if isinstance(exc, OSError) and exc.errno else 0
+    _write(fd, f"{stage} {errno} {text}")
+
+
 # What Python changed from the defaults (ignored signals survive execve), set back
 # once in the launcher.  Not a loop over every signal: under TCG each call costs
 # ~0.7 ms, and resetting all 64 in each monitor and process cost ~40 ms apiece.
@@ -186,7 +194,7 @@ def _report_bad_plan(raw: bytes, fds: list[int], exc: Exception) -> None:
     """Tell the agent on the plan's exec-error pipe, if the plan names one."""
     try:
         index = json.loads(raw)["exec_err_fd"]
-        _write(fds[index], f"launcher could not start the process: {exc!r}")
+        _report(fds[index], f"launcher could not start the process: {exc!r}")
     except (ValueError, KeyError, IndexError, TypeError):
         pass  # not even that much is readable; the agent sees the pipes close
 
@@ -212,7 +220,7 @@ def run_monitor(plan: LaunchPlan) -> NoReturn:
         _write(plan.status_fd, f"X {exit_code(status)}\n")
         os._exit(0)
     except BaseException as exc:  # noqa: BLE001 - report, never return to the agent
-        _write(plan.exec_err_fd, f"container setup failed: {exc}")
+        _report(plan.exec_err_fd, f"container setup failed: {exc}", exc)
         os._exit(EXIT_SETUP_FAILED)
 
 
@@ -267,7 +275,7 @@ def _run_init(plan: LaunchPlan) -> NoReturn:
         _mount_proc_dev(Path(plan.root))
         _enter_root(Path(plan.root))
     except BaseException as exc:  # noqa: BLE001
-        _write(plan.exec_err_fd, f"container setup failed: {exc}")
+        _report(plan.exec_err_fd, f"container setup failed: {exc}", exc)
         os._exit(EXIT_SETUP_FAILED)
     _write(plan.status_fd, "R\n")  # root ready: the agent's create may return
     if os.read(plan.start_fd, 1) != b"\x01":
@@ -302,10 +310,11 @@ def _run_process(plan: LaunchPlan) -> NoReturn:
         os.setuid(spec.uid)
         os.chdir(spec.cwd)
     except BaseException as exc:  # noqa: BLE001
-        _write(plan.exec_err_fd, f"process setup failed: {exc}")
+        _report(plan.exec_err_fd, f"process setup failed: {exc}", exc)
         os._exit(EXIT_SETUP_FAILED)
     try:
         os.execvpe(spec.args[0], spec.args, spec.env)
     except OSError as exc:
-        _write(plan.exec_err_fd, f"cannot execute {spec.args[0]!r}: {exc.strerror}")
+        _report(plan.exec_err_fd, f"cannot execute {spec.args[0]!r}: {exc.strerror}", exc,
+                "exec")
     os._exit(EXIT_EXEC_FAILED)

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from vmfactory.guest.agent import launch
-from vmfactory.guest.agent.errors import AgentStateError
+from vmfactory.guest.agent.errors import AgentStateError, CannotExecute, ExecFailed
 
 logger = logging.getLogger(__name__)
 
@@ -178,12 +178,18 @@ class GuestProcess:
             self.exited.set_result(int(value))
             logger.info("process %s exited with %s", self.name, value)
 
-    async def exec_error(self) -> str:
-        """Why the program could not run, or "" once it has been executed."""
+    async def exec_error(self) -> ExecFailed | None:
+        """Why the program could not run (with the errno behind it), or None once
+        it has been executed."""
         parts = [chunk async for chunk in read_chunks(self._exec_err)]
         os.close(self._exec_err)
         self._exec_err = -1
-        return b"".join(parts).decode(errors="replace")
+        stage, number, why = (b"".join(parts).decode(errors="replace").split(" ", 2)
+                              + ["", ""])[:3]
+        if not why:
+            return None
+        cls = CannotExecute if stage == "exec" else ExecFailed
+        return cls(why, errno=int(number) if number.isdigit() else 0)
 
     def claim_io(self) -> Stdio:
         if self.stdio.stdout is None:

@@ -23,10 +23,8 @@ import threading
 import tty
 from collections.abc import AsyncIterator, Callable
 
-import grpc
-
-from runtime_client.agent import AgentConnection
-from runtime_client.errors import ClientError, ended_during_write
+from vmfactory.agent.client import AgentClient
+from vmfactory.errors import AgentError
 from vmfactory.proto import agent_pb2 as pb
 
 _LOG = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ def host_terminal_size(*fds: int | None) -> os.terminal_size | None:
     return None
 
 
-async def relay_io(conn: AgentConnection, container_id: str, exec_id: str, *, stdin: int | None,
+async def relay_io(conn: AgentClient, container_id: str, exec_id: str, *, stdin: int | None,
                    stdout: int, stderr: int, terminal: bool,
                    on_first_output: Callable[[], None] | None = None) -> None:
     """Copy host ``stdin`` to the process and its output to host ``stdout``/``stderr``.
@@ -87,19 +85,19 @@ def _isatty(fd: int) -> bool:
         return False
 
 
-async def _initial_resize(conn: AgentConnection, container_id: str, exec_id: str,
+async def _initial_resize(conn: AgentClient, container_id: str, exec_id: str,
                           stdin: int | None, stdout: int) -> None:
     size = host_terminal_size(stdin, stdout)
     if size is None:
         return
     try:
         await conn.resize(container_id, exec_id, size.lines, size.columns)
-    except ClientError as exc:
+    except AgentError as exc:
         # A wrong window size is cosmetic; the relay matters more.
         _LOG.warning("cannot set the terminal size of %s/%s: %s", container_id, exec_id, exc)
 
 
-async def _relay(conn: AgentConnection, container_id: str, exec_id: str, stdin: int | None,
+async def _relay(conn: AgentClient, container_id: str, exec_id: str, stdin: int | None,
                  sinks: tuple[int, int], on_first_output: Callable[[], None] | None) -> None:
     reader = _StdinReader(stdin) if stdin is not None else None
     inputs = reader.inputs() if reader is not None else _closed_stdin()
@@ -108,11 +106,6 @@ async def _relay(conn: AgentConnection, container_id: str, exec_id: str, stdin: 
     try:
         async for output in outputs:
             writer.write(output)
-    except ClientError as exc:
-        if not _ended_during_write(exc):
-            raise
-        _LOG.debug("the output stream of %s/%s ended while stdin was being sent",
-                   container_id, exec_id)
     finally:
         if reader is not None:
             reader.stop()
@@ -120,12 +113,6 @@ async def _relay(conn: AgentConnection, container_id: str, exec_id: str, stdin: 
         aclose = getattr(outputs, "aclose", None)
         if aclose is not None:
             await aclose()
-
-
-def _ended_during_write(exc: ClientError) -> bool:
-    """The spurious INTERNAL of grpc/grpc#36066 (see errors.ended_during_write)."""
-    cause = exc.__cause__
-    return isinstance(cause, grpc.aio.AioRpcError) and ended_during_write(cause)
 
 
 async def _closed_stdin() -> AsyncIterator[pb.IoInput]:

@@ -9,6 +9,9 @@ kataProxyBuiltin   the same forwarding inside the client process
 noopProxy          a test dummy: connects directly, counts what it was asked
 ccProxy            deprecated alias of kataProxy
 =================  ==========================================================
+
+``forwarder`` is the gRPC forwarder itself, ``sockets`` checks its socket file,
+``process`` runs it as a standalone process (``python -m runtime_client.proxies``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Any, ClassVar
 import psutil
 
 from runtime_client.modes import canonical_mode
-from runtime_client.proxy import AgentProxy, spawn_proxy, stop_proxy
+from runtime_client.proxies.forwarder import AgentProxy
+from runtime_client.proxies.process import spawn_proxy, stop_proxy
 from vmfactory.config import PROXY_ALIASES
 
 

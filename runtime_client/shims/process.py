@@ -1,6 +1,6 @@
 """The standalone shim process of Kata's ``katashim`` mode.
 
-``python -m runtime_client.shim --address ADDR --container CID [--exec EID]
+``python -m runtime_client.shims --address ADDR --container CID [--exec EID]
 [--terminal] [--timeout S]`` relays stdio between its own fds 0/1/2 and one
 container process, forwards every signal it receives to that process, and exits
 with the process's exit code (128+N if signal N killed it).  Exit 125: the agent
@@ -16,9 +16,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from runtime_client.agent import AgentConnection
-from runtime_client.errors import ClientError
-from runtime_client.shims import BuiltinShim
+from runtime_client.shims.builtin import BuiltinShim
+from vmfactory.agent.client import AgentClient
+from vmfactory.errors import AgentError, VmFactoryError
 
 _LOG = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    conn = AgentConnection(args.address, call_timeout=args.timeout)
+    conn = AgentClient(args.address, call_timeout=args.timeout, wait_for_ready=True)
     try:
         await _check_reachable(conn)
         return await BuiltinShim().run(conn, args.container, args.exec_id,
@@ -80,13 +80,13 @@ async def _run(args: argparse.Namespace) -> int:
         await conn.close()
 
 
-async def _check_reachable(conn: AgentConnection) -> None:
+async def _check_reachable(conn: AgentClient) -> None:
     """Fail within the call timeout: the wait and the I/O stream would wait for
     an unreachable agent forever."""
     try:
         await conn.ping()
-    except ClientError as exc:
-        raise ClientError(f"agent at {conn.address} is unreachable: {exc}", exc.code) from exc
+    except AgentError as exc:
+        raise AgentError("ping", f"{conn.address} is unreachable ({exc.code or exc})") from exc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format=f"{PROG}[%(process)d] %(levelname)s %(message)s")
     try:
         return asyncio.run(_run(args))
-    except ClientError as exc:
+    except VmFactoryError as exc:
         sys.stderr.write(f"{PROG}: {exc}\n")
         return EXIT_SHIM_FAILED
     except KeyboardInterrupt:

@@ -19,14 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
+from vmfactory.daemon.leases import Lease, LeaseTable
+from vmfactory.daemon.pools import Pool
+from vmfactory.daemon.records import Role, VmRecords
 from vmfactory.errors import VmFactoryError
-from vmfactory.hypervisor.base import VmSpec, VmState
-from vmfactory.hypervisor.qemu import QemuHypervisor, QemuVm
-from vmfactory.leases import Lease, LeaseTable
-from vmfactory.pool import Pool
-from vmfactory.records import VmRecords
+from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec, VmState
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +46,7 @@ class Recovery:
     """One recovery pass; run once, before the pools start."""
 
     def __init__(self, records: VmRecords, leases: LeaseTable,
-                 hypervisor: QemuHypervisor, pools: dict[str, Pool]) -> None:
+                 hypervisor: Hypervisor, pools: dict[str, Pool]) -> None:
         self.records = records
         self.leases = leases
         self.hypervisor = hypervisor
@@ -58,13 +55,15 @@ class Recovery:
 
     async def run(self) -> RecoveryReport:
         start = time.monotonic()
-        vm_records = self.records.load_all("vms/")
-        results = await asyncio.gather(*(self._adopt(r) for r in vm_records))
+        vm_records = self.records.load_all()
+        results = await asyncio.gather(*(self._adopt(i, r) for i, r in vm_records.items()))
         kept = {vm.id: vm for vm in results if vm is not None}
-        for record in vm_records:
-            vm = kept.get(record["vm_id"])
-            if vm is not None:
-                await self._place(vm, record)
+        for vm in kept.values():
+            try:
+                await self._place(vm, vm_records[vm.id])
+            except (VmFactoryError, KeyError, TypeError, ValueError) as exc:
+                logger.warning("recovery: vm %s not placed (%r): stopping it", vm.id, exc)
+                await self._drop(vm)
         self._reap({vm.id for vm in kept.values() if vm.state is not VmState.STOPPED})
         self.report.seconds = time.monotonic() - start
         logger.info("recovery: %d pooled and %d leased VMs adopted, %d records dropped, "
@@ -74,54 +73,53 @@ class Recovery:
                     self.report.seconds)
         return self.report
 
-    async def _adopt(self, record: dict[str, Any]) -> QemuVm | None:
-        vm_id = record["vm_id"]
+    async def _adopt(self, vm_id: str, record: dict[str, Any]) -> Vm | None:
+        """The recorded VM ``vm_id`` (its key's name, not what the record says) if
+        its process still runs, is that VM's and its agent answers."""
         try:
-            vm = QemuVm(VmSpec.from_record(record["spec"]), self.hypervisor.run_dir,
-                        self.hypervisor.timeouts, vm_id)
-            vm.cpus, vm.memory_mib = record["cpus"], record["memory_mib"]
+            if record.get("vm_id") != vm_id:
+                raise ValueError(f"the record names vm {str(record.get('vm_id'))[:80]!r}")
+            vm = self.hypervisor.create_vm(VmSpec.from_record(record["spec"]), vm_id)
+            vm.cpus, vm.memory_mib = int(record["cpus"]), int(record["memory_mib"])
             await vm.adopt(int(record.get("pid") or 0))
-        except (VmFactoryError, KeyError, TypeError, ValueError) as exc:
+        except (VmFactoryError, KeyError, TypeError, ValueError, AttributeError) as exc:
             logger.warning("recovery: vm %s not adopted: %s", vm_id, exc)
             self.report.dropped.append(vm_id)
             self.records.delete(vm_id)
             return None
         return vm
 
-    async def _place(self, vm: QemuVm, record: dict[str, Any]) -> None:
-        lr = record.get("lease")
-        if record["role"] == "leased" and lr:
-            self.leases.restore(Lease(lr["lease_id"], vm, lr["pool"], lr["source"], lr["client"],
-                                      lr["ttl_s"], lr["created"]))
-            await asyncio.to_thread(self.records.save, vm, "leased", lr["pool"], lr)
+    async def _drop(self, vm: Vm) -> None:
+        self.report.dropped.append(vm.id)
+        await vm.stop()
+        self.records.delete(vm.id)
+
+    async def _place(self, vm: Vm, record: dict[str, Any]) -> None:
+        lease = record.get("lease")
+        if record["role"] == Role.LEASED and lease:
+            await self.leases.restore(Lease.from_record(vm, lease))
             self.report.leased.append(vm.id)
             return
         pool = self.pools.get(record["pool"])
-        if record["role"] == "pooled" and pool is not None and pool.accepts(vm):
+        if record["role"] == Role.POOLED and pool is not None and pool.accepts(vm):
             if vm.state is VmState.RUNNING and not pool.config.keep_running:
                 await vm.pause()
             pool.adopt(vm)
-            await asyncio.to_thread(self.records.save, vm, "pooled", pool.name)
+            await asyncio.to_thread(self.records.save, vm, Role.POOLED, pool.name)
             self.report.pooled.append(vm.id)
             return
         logger.info("recovery: vm %s has no pool or lease any more: stopping it", vm.id)
-        self.report.dropped.append(vm.id)
-        await vm.stop()
+        await self._drop(vm)
 
     def _reap(self, adopted: set[str]) -> None:
         run_dir = self.hypervisor.run_dir
-        marker = f"{run_dir}/"
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            cmdline = " ".join(proc.info["cmdline"] or [])
-            if "qemu-system" not in cmdline or marker not in cmdline:
-                continue
-            vm_id = cmdline.split(marker, 1)[1].split("/", 1)[0]
+        for pid, vm_id in self.hypervisor.vm_processes().items():
             if vm_id not in adopted:
                 try:
-                    os.killpg(proc.info["pid"], signal.SIGKILL)
+                    os.killpg(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     continue
-                self.report.reaped_pids.append(proc.info["pid"])
+                self.report.reaped_pids.append(pid)
         if run_dir.is_dir():
             for entry in run_dir.iterdir():
                 if entry.is_dir() and entry.name not in adopted:

@@ -1,8 +1,14 @@
-"""The factory daemon's core: config -> store -> factory bases -> pools -> leases.
+"""The factory daemon's core: store -> factory bases -> pools -> leases.
 
-Transports (``server/``) convert messages and call these methods; nothing here
-knows about gRPC.  ``run()`` owns the background tasks; ``shutdown()`` is the one
-idempotent teardown, undoing ``start()`` in reverse.
+Transports (``vmfactory.server``) convert messages and call these methods;
+nothing here knows about gRPC.  The composition root (``vmfactory.app``)
+builds the hypervisor, the store and the bases and passes them in.
+
+Background work and what its failure does: each pool's refill and health
+loops are restarted with backoff (see ``pools``); the lease reaper is fatal:
+leases whose TTL nobody enforces would keep VMs forever, so its failure is
+logged and turns into a deliberate shutdown, and ``shutdown()`` re-raises it
+(as :class:`BackgroundFailure`) once everything is torn down.
 """
 
 from __future__ import annotations
@@ -21,29 +27,25 @@ import psutil
 
 from vmfactory import __version__
 from vmfactory.config import Config, PoolConfig, VmConfig
-from vmfactory.errors import ConfigError, DaemonError, InvalidRequest
-from vmfactory.events import EventBus, PoolEvent
+from vmfactory.daemon.events import EventBus, EventKind, PoolEvent
+from vmfactory.daemon.leases import Lease, LeaseTable, VmSource
+from vmfactory.daemon.pools import Pool
+from vmfactory.daemon.records import VmRecords
+from vmfactory.daemon.recovery import Recovery, RecoveryReport
+from vmfactory.errors import (
+    BackgroundFailure, ConfigError, DaemonError, InvalidRequest, VmFactoryError,
+)
 from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.direct import DirectFactory
 from vmfactory.factory.template_factory import TemplateFactory
-from vmfactory.hypervisor.base import Vm
-from vmfactory.hypervisor.qemu import SERIAL_RE, QemuHypervisor
-from vmfactory.leases import Lease, LeaseTable
-from vmfactory.pool import Pool
-from vmfactory.records import VmRecords
-from vmfactory.recovery import Recovery, RecoveryReport
-from vmfactory.store import Store, open_store
-from vmfactory.tasks import TaskOwner
+from vmfactory.hypervisor.base import Hypervisor, Vm, check_serial
+from vmfactory.store import Store
+from vmfactory.util.states import Lifecycle, require
+from vmfactory.util.tasks import Policy, Supervisor, Teardown, finish
 
 logger = logging.getLogger(__name__)
 
 LEASE_CHECK_S = 0.5
-
-
-def _check_serial(serial: str) -> None:
-    """The hypervisor's rule for disk serials, as a request error."""
-    if not SERIAL_RE.match(serial):
-        raise InvalidRequest(f"serial {serial!r} must be 1-20 of [A-Za-z0-9-]")
 
 
 class DaemonState(enum.Enum):
@@ -66,36 +68,39 @@ class VmRequest:
     client: str = ""
 
 
-class Daemon:
-    """One node's VM factory."""
+class Daemon(Lifecycle[DaemonState]):
+    """One node's VM factory; owns ``store`` from here on."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, hypervisor: Hypervisor, store: Store,
+                 direct: DirectFactory, template: TemplateFactory) -> None:
         self.config = config
-        self.state = DaemonState.CREATED
+        self.hypervisor = hypervisor
+        self.store = store
+        self.direct = direct
+        self.template = template
         self.events = EventBus()
         self.started_at = time.time()
-        self.store: Store | None = None
-        self.hypervisor = QemuHypervisor(config.paths.run_dir, config.timeouts)
-        self.direct = DirectFactory(config, self.hypervisor)
-        self.template = TemplateFactory(config, self.hypervisor, self.direct)
+        self.records = VmRecords(store)
+        self.leases = LeaseTable(self.records)
         self.pools: dict[str, Pool] = {}
-        self.leases: LeaseTable | None = None
-        self.records: VmRecords | None = None
         self.recovery = RecoveryReport()
-        self._tasks = TaskOwner("daemon")
+        self.failure: BackgroundFailure | None = None
+        self._tasks = Supervisor("daemon", on_fatal=self._fatal)
         self._stop = asyncio.Event()
         self._procs: dict[int, psutil.Process] = {}
+        self._set_state(DaemonState.CREATED)
+
+    def _state_error(self, operation: str) -> Exception:
+        return DaemonError(f"daemon is {self.state.value}")
+
+    def _lifecycle_name(self) -> str:
+        return "daemon"
 
     # -- lifecycle ---------------------------------------------------------
+    @require(DaemonState.CREATED)
     async def start(self) -> None:
-        if self.state is not DaemonState.CREATED:
-            raise DaemonError(f"daemon is {self.state.value}")
-        self.state = DaemonState.STARTING
-        self.store = open_store(self.config.store.url)
-        self.records = VmRecords(self.store)
-        self.leases = LeaseTable(self.records)
-        await self._tasks.start()
-        await self.template.start()
+        """Recover what an earlier daemon left, start the pools and the reaper."""
+        self._set_state(DaemonState.STARTING)
         slots = asyncio.Semaphore(self.config.daemon.refill_concurrency)
         for pc in self.config.pools:
             self.pools[pc.name] = Pool(
@@ -106,8 +111,8 @@ class Daemon:
                                        self.pools).run()
         for pool in self.pools.values():
             await pool.start()
-        self._tasks.spawn(self._reclaim_loop(), "lease-reclaim")
-        self.state = DaemonState.SERVING
+        self._tasks.spawn("lease-reaper", self._reclaim_loop, policy=Policy.FATAL)
+        self._set_state(DaemonState.SERVING)
         logger.info("daemon serving with %d pools", len(self.pools))
 
     def _pool_vm_config(self, pc: PoolConfig) -> VmConfig:
@@ -123,26 +128,39 @@ class Daemon:
     async def wait_stopped(self) -> None:
         await self._stop.wait()
 
+    def _fatal(self, task: str, exc: BaseException) -> None:
+        """A loop the daemon cannot run without failed: stop, and say why at the end."""
+        if self.failure is None:
+            self.failure = BackgroundFailure(task, exc)
+            logger.critical("stopping the daemon: %s", self.failure)
+        self.request_stop()
+
     async def shutdown(self) -> None:
-        """Stop pools, leased VMs, templates and the store, in reverse; idempotent."""
+        """Stop background tasks, pools, leased VMs, templates and the store, in
+        reverse of setup, every step even if one fails; idempotent.  Then raise
+        the background failure that stopped the daemon, if one did, else the
+        first teardown failure."""
         if self.state in (DaemonState.STOPPING, DaemonState.STOPPED):
             return
-        self.state = DaemonState.STOPPING
+        self._set_state(DaemonState.STOPPING)
         self._stop.set()
         self.events.close()
-        await self._tasks.close()
+        teardown = Teardown("daemon shutdown")
+        await teardown.step("background tasks", self._tasks.close())
         for pool in self.pools.values():
-            await pool.close()
-        if self.leases is not None:
-            for lease in self.leases.values():
-                self.leases.pop(lease.id)
-                await self._end_lease(lease, "daemon stopping")
-        await self.template.close()
-        await self.template.template.destroy()
-        if self.store is not None:
-            self.store.close()
-        self.state = DaemonState.STOPPED
+            await teardown.step(f"pool {pool.name}", pool.close())
+        for lease in self.leases.values():
+            self.leases.pop(lease.id)
+            await teardown.step(f"lease {lease.id}",
+                                self._end_lease(lease, EventKind.RECLAIMED, "daemon stopping"))
+        await teardown.step("template factory", self.template.close())
+        await teardown.step("template", self.template.template.destroy())
+        teardown.sync_step("store", self.store.close)
+        self._set_state(DaemonState.STOPPED)
         logger.info("daemon stopped")
+        if self.failure is not None:
+            raise self.failure
+        teardown.done()
 
     # -- requests ----------------------------------------------------------
     def _vm_config(self, req: VmRequest) -> VmConfig:
@@ -171,10 +189,9 @@ class Daemon:
                 return pool
         return None
 
+    @require(DaemonState.SERVING)
     async def get_vm(self, req: VmRequest, deadline: float) -> Lease:
         """A ready, leased VM; ``deadline`` is a time.monotonic() value."""
-        if self.state is not DaemonState.SERVING:
-            raise DaemonError(f"daemon is {self.state.value}")
         if deadline <= time.monotonic():
             raise InvalidRequest("the request's deadline has already passed")
         vm_config = self._vm_config(req)
@@ -183,21 +200,19 @@ class Daemon:
             vm, source = await pool.get(deadline)
             pool_name = pool.name
         else:
-            base = self._base(req.base or "template")
-            vm = await base.get_vm(vm_config)
-            source, pool_name = ("clone" if vm.spec.incoming else "boot"), ""
-        assert self.leases is not None
+            vm = await self._base(req.base or "template").get_vm(vm_config)
+            source, pool_name = VmSource.made(vm), ""
         try:
             await vm.hand_over_agent()
             return await self.leases.add(vm, pool_name, source, req.client, req.lease_ttl_s)
         except BaseException:
-            await asyncio.shield(vm.stop())  # not leased, so nobody would ever stop it
+            await finish(vm.stop())  # not leased, so nobody would ever stop it
             raise
 
     def _leased_vm(self, lease_id: str) -> Vm:
-        assert self.leases is not None
         return self.leases.get(lease_id).vm
 
+    @require(DaemonState.SERVING)
     async def attach_disk(self, lease_id: str, path: str, serial: str, read_only: bool) -> str:
         """Hot-plug a host image into a leased VM (the client's container root)."""
         vm = self._leased_vm(lease_id)
@@ -205,38 +220,42 @@ class Daemon:
         if not image.is_absolute() or not image.is_file():
             raise InvalidRequest(f"disk image must be an existing file given by absolute path: "
                                  f"{path!r}")
-        _check_serial(serial)
+        check_serial(serial)
         return await vm.attach_disk(image, serial, read_only)
 
+    @require(DaemonState.SERVING)
     async def detach_disk(self, lease_id: str, serial: str) -> None:
-        _check_serial(serial)
+        check_serial(serial)
         await self._leased_vm(lease_id).detach_disk(serial)
 
+    @require(DaemonState.SERVING)
     async def release(self, lease_id: str) -> None:
-        assert self.leases is not None
         lease = self.leases.pop(lease_id)
-        await self._end_lease(lease, "released")
+        await self._end_lease(lease, EventKind.RELEASED, "released")
 
-    async def _end_lease(self, lease: Lease, why: str) -> None:
-        await lease.vm.stop()
-        kind = "released" if why == "released" else "reclaimed"
+    async def _end_lease(self, lease: Lease, kind: EventKind, why: str) -> None:
         self.events.publish(PoolEvent(lease.pool, kind, lease.vm.id, why))
+        await finish(lease.vm.stop())
 
     async def _reclaim_loop(self) -> None:
-        assert self.leases is not None
         while True:
             await asyncio.sleep(LEASE_CHECK_S)
             for lease in self.leases.expired():
+                if lease.id not in self.leases:
+                    continue  # released while an earlier expired lease was stopped
                 self.leases.pop(lease.id)
                 logger.info("lease %s expired: reclaiming vm %s", lease.id, lease.vm.id)
-                await self._end_lease(lease, f"TTL of {lease.ttl_s:g} s ended")
+                await self._end_lease(lease, EventKind.RECLAIMED,
+                                      f"TTL of {lease.ttl_s:g} s ended")
 
     # -- status ------------------------------------------------------------
-    def _vm_status(self, vm: Vm, pool: str, lease: Lease | None, source: str) -> dict[str, Any]:
+    def _vm_status(self, vm: Vm, pool: str, lease: Lease | None,
+                   source: VmSource) -> dict[str, Any]:
         out: dict[str, Any] = {"vm_id": vm.id, "pid": vm.pid or 0, "state": vm.state.value,
                                "pool": pool, "lease_id": lease.id if lease else "",
-                               "cpus": vm.cpus, "memory_mib": vm.memory_mib, "source": source,
-                               "age_s": time.monotonic() - vm.created_at, "cpu_percent": 0.0,
+                               "cpus": vm.cpus, "memory_mib": vm.memory_mib,
+                               "source": source.value, "cpu_percent": 0.0,
+                               "age_s": time.monotonic() - vm.created_at,
                                "rss_mib": 0.0, "pss_mib": 0.0}
         if vm.pid:
             try:
@@ -244,15 +263,14 @@ class Daemon:
                 out["cpu_percent"] = proc.cpu_percent(None)
                 mem = vm.memory()
                 out["rss_mib"], out["pss_mib"] = mem.rss_mib, mem.pss_mib
-            except (psutil.Error, OSError):
-                pass
+            except (psutil.Error, OSError, VmFactoryError):
+                pass  # it is going away: its numbers stay 0
         return out
 
     def status(self) -> dict[str, Any]:
-        vms = [self._vm_status(vm, p.name, None, "pool")
+        vms = [self._vm_status(vm, p.name, None, VmSource.POOL)
                for p in self.pools.values() for vm in list(p.ready)]
-        if self.leases is not None:
-            vms += [self._vm_status(le.vm, le.pool, le, le.source) for le in self.leases.values()]
+        vms += [self._vm_status(le.vm, le.pool, le, le.source) for le in self.leases.values()]
         live = {v["pid"] for v in vms}
         self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
         return {"pid": os.getpid(), "uptime_s": time.time() - self.started_at,

@@ -1,4 +1,9 @@
-"""Async gRPC client of the vmfactory daemon (the Factory service)."""
+"""Async client of the daemon's Factory service, beside the server it talks to.
+
+Errors come back as the vmfactory classes the daemon raised (the server's
+table in ``server.errors``, inverted); no daemon on the socket is
+:class:`DaemonUnavailable`.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,17 @@ from typing import Any
 
 import grpc
 
-from runtime_client.errors import from_rpc_error
 from vmfactory.proto import factory_pb2 as pb
 from vmfactory.proto import factory_pb2_grpc as pb_grpc
+from vmfactory.server.errors import error_from_rpc
 
 DEFAULT_SOCKET = "/run/vmfactory/factory.sock"
 
 
 class FactoryClient:
-    """One channel to the daemon; methods raise runtime_client.errors types."""
+    """One channel to the daemon; methods raise vmfactory errors."""
 
-    def __init__(self, socket: str = DEFAULT_SOCKET, timeout: float = 60.0) -> None:
+    def __init__(self, socket: str | Path = DEFAULT_SOCKET, timeout: float = 60.0) -> None:
         self.timeout = timeout
         self._channel = grpc.aio.insecure_channel(f"unix:{socket}")
         self._stub = pb_grpc.FactoryStub(self._channel)
@@ -27,7 +32,7 @@ class FactoryClient:
         try:
             return await method(request, timeout=timeout or self.timeout)
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise error_from_rpc(exc) from exc
 
     async def get_vm(self, cpus: int = 0, memory_mib: int = 0, *, base: str = "",
                      image: str = "", lease_ttl_s: float = 0.0, client: str = "",
@@ -66,7 +71,7 @@ class FactoryClient:
             async for event in call:
                 yield event
         except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise error_from_rpc(exc) from exc
 
     async def close(self) -> None:
         await self._channel.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,10 +14,24 @@ logger = logging.getLogger(__name__)
 WATCH_QUEUE = 1000
 
 
+class EventKind(enum.StrEnum):
+    """What happened to a pool or one of its VMs (the Watch RPC's ``kind``)."""
+
+    READY = "ready"                    # a VM entered the pool
+    HANDOUT = "handout"                # a pooled VM was leased
+    MISS = "miss"                      # a request found the pool empty
+    REPLACED = "replaced"              # a pooled VM died or failed at handout
+    RELEASED = "released"              # a lessee gave its VM back
+    RECLAIMED = "reclaimed"            # a lease ended without its lessee (TTL, shutdown)
+    REFILL_PAUSED = "refill-paused"    # host memory under the floor
+    REFILL_FAILED = "refill-failed"    # making a VM for the pool failed
+    WARMUP_FAILED = "warmup-failed"    # the container warm-up failed (the VM is pooled)
+
+
 @dataclass(frozen=True)
 class PoolEvent:
     pool: str
-    kind: str  # ready, handout, miss, replaced, released, reclaimed, refill-paused, refill-failed
+    kind: EventKind
     vm_id: str = ""
     detail: str = ""
     time: float = field(default_factory=time.time)
