@@ -16,11 +16,11 @@ ADOPTED_POLL_S = 0.05
 QEMU_MARKER = "qemu-system"
 
 
-def processes_under(root: Path, marker: str = QEMU_MARKER) -> list[psutil.Process]:
-    """Live processes whose command line holds ``marker`` and a path under ``root``
-    (QEMU by default): what recovery reaps and what leak checks look for.  Each
-    has ``info["pid"]`` and ``info["cmdline"]``."""
-    under = f"{root}/"
+def processes_under(root: Path | None, marker: str = QEMU_MARKER) -> list[psutil.Process]:
+    """Live processes whose command line holds ``marker`` (QEMU by default) and a
+    path under ``root`` (any path when None): what recovery reaps, what leak
+    checks look for.  Each has ``info["pid"]`` and ``info["cmdline"]``."""
+    under = f"{root}/" if root is not None else ""
     found = []
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
