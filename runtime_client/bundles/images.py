@@ -19,7 +19,7 @@ from pathlib import Path
 
 from runtime_client.errors import BundleError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # The file system builder; a module constant so tests can swap in a failing command.
 MKFS = "mkfs.ext4"
@@ -146,7 +146,7 @@ class ImageCache:
             # A waiter on this lock file re-checks for the image after it gets the
             # lock, so unlinking it while held at worst duplicates a build.
             self._lock_path(image).unlink(missing_ok=True)
-        log.info("pruned image %s", image.name)
+        logger.info("pruned image %s", image.name)
         return True
 
     def _remove_stale_temps(self) -> None:
@@ -200,7 +200,7 @@ class ImageCache:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        log.info("built image %s of %s: %d MiB in %d ms", image.name, rootfs, size_mib,
+        logger.info("built image %s of %s: %d MiB in %d ms", image.name, rootfs, size_mib,
                  (time.monotonic() - start) * 1000)
 
 

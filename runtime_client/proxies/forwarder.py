@@ -22,7 +22,7 @@ from runtime_client.errors import ProxyError
 from runtime_client.proxies.sockets import prepare_socket_path
 from vmfactory.agent.client import CHANNEL_OPTIONS, ended_during_write
 
-_LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Transport-level headers the gRPC stack sets itself; passing them on as call
 # metadata is rejected or would lie about the proxy's own connection.
@@ -109,7 +109,7 @@ class AgentProxy:
         self._channel = grpc.aio.insecure_channel(self.upstream, options=CHANNEL_OPTIONS)
         # Start the handshake now so the first call does not pay for it.
         self._channel.get_state(try_to_connect=True)
-        _LOG.info("proxy serving %s for %s", self.listen, self.upstream)
+        logger.info("proxy serving %s for %s", self.listen, self.upstream)
 
     async def stop(self, grace: float = 1.0) -> None:
         """Stop serving (calls in flight get ``grace`` seconds), close the upstream
@@ -127,7 +127,7 @@ class AgentProxy:
                 await channel.close()
             if server is not None:
                 self.listen.unlink(missing_ok=True)
-                _LOG.info("proxy on %s stopped after %d calls", self.listen, self._calls)
+                logger.info("proxy on %s stopped after %d calls", self.listen, self._calls)
 
     async def _forward(self, method: str, requests: AsyncIterator[bytes],
                        context: grpc.aio.ServicerContext) -> None:
@@ -149,9 +149,9 @@ class AgentProxy:
             if ended_during_write(exc):
                 # Every response was relayed and the upstream ended OK; grpc only
                 # misreported it because our request write raced with that end.
-                _LOG.debug("%s: upstream ended as a request was written", method)
+                logger.debug("%s: upstream ended as a request was written", method)
                 return
-            _LOG.debug("%s: upstream ended with %s", method, exc.code().name)
+            logger.debug("%s: upstream ended with %s", method, exc.code().name)
             await context.abort(exc.code(), exc.details() or "",
                                 _forwardable(exc.trailing_metadata()))
         finally:
@@ -172,7 +172,7 @@ class AgentProxy:
             code = grpc.StatusCode.UNAVAILABLE
             if timeout is not None and timeout <= self.connect_timeout:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
-            _LOG.warning("upstream %s not reachable within %.3g s", self.upstream, limit)
+            logger.warning("upstream %s not reachable within %.3g s", self.upstream, limit)
             await context.abort(code, f"upstream {self.upstream} not reachable "
                                       f"within {limit:.3g} s")
 
@@ -187,9 +187,9 @@ async def _pump_requests(method: str, requests: AsyncIterator[bytes],
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError):
         # The upstream call ended first; its status reaches the caller on the
         # response side.
-        _LOG.debug("%s: upstream finished before the caller's requests", method)
+        logger.debug("%s: upstream finished before the caller's requests", method)
     except Exception:
-        _LOG.warning("%s: relaying requests failed", method, exc_info=True)
+        logger.warning("%s: relaying requests failed", method, exc_info=True)
         call.cancel()
 
 

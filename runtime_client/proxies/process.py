@@ -25,7 +25,7 @@ from runtime_client.errors import ProxyError
 from runtime_client.proxies.forwarder import AgentProxy
 from vmfactory.util.sockets import socket_accepts
 
-_LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PROG = "runtime_client.proxies"
 READY_LINE = b"ready\n"
@@ -64,7 +64,7 @@ async def spawn_proxy(upstream: str, listen: Path, *, timeout: float = 10.0,
         os.close(read_fd)
         stderr.close()
     _SPAWNED[proc.pid] = proc
-    _LOG.info("proxy process %d serving %s for %s", proc.pid, listen, upstream)
+    logger.info("proxy process %d serving %s for %s", proc.pid, listen, upstream)
     return proc.pid
 
 
@@ -187,7 +187,7 @@ def _proxy_process(pid: int, listen: Path,
         return None
     if PROG in cmdline and str(listen) in cmdline:
         return proc
-    _LOG.warning("pid %d is not the proxy for %s; not signalling it", pid, listen)
+    logger.warning("pid %d is not the proxy for %s; not signalling it", pid, listen)
     return None
 
 
@@ -198,7 +198,7 @@ def _terminate(proc: psutil.Process, timeout: float) -> None:
         try:
             proc.wait(timeout)
         except psutil.TimeoutExpired:
-            _LOG.warning("proxy %d ignored SIGTERM for %g s; killing it", proc.pid, timeout)
+            logger.warning("proxy %d ignored SIGTERM for %g s; killing it", proc.pid, timeout)
             proc.kill()
             proc.wait(timeout)
     except psutil.NoSuchProcess:
@@ -256,7 +256,7 @@ async def _serve(upstream: str, listen: Path, ready_fd: int | None) -> int:
         if ready_fd is not None:
             _report_ready(ready_fd)
         await stop.wait()
-        _LOG.info("signalled; stopping")
+        logger.info("signalled; stopping")
     finally:
         await proxy.stop()
     return 0
@@ -267,7 +267,7 @@ def _report_ready(fd: int) -> None:
         os.write(fd, READY_LINE)
     except OSError as exc:
         # The spawner is gone; clients may still come, so keep serving.
-        _LOG.warning("cannot report ready: %s", exc)
+        logger.warning("cannot report ready: %s", exc)
     finally:
         os.close(fd)
 

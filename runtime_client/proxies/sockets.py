@@ -10,7 +10,7 @@ from pathlib import Path
 from runtime_client.errors import ProxyError
 from vmfactory.util.sockets import socket_accepts
 
-_LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # sun_path is 108 bytes, NUL included.
 MAX_SOCKET_PATH = 107
@@ -34,5 +34,5 @@ def prepare_socket_path(path: Path) -> None:
         raise ProxyError(f"{path} exists and is not a socket")
     if socket_accepts(path):
         raise ProxyError(f"{path} is already served by another process")
-    _LOG.info("removing stale socket %s", path)
+    logger.info("removing stale socket %s", path)
     path.unlink(missing_ok=True)

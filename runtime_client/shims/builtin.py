@@ -14,7 +14,7 @@ from runtime_client.shims.iorelay import host_terminal_size, relay_io
 from runtime_client.shims.signals import FORWARDED_SIGNALS, SignalHandlers
 from vmfactory.agent.client import AgentClient
 
-_LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def _agent_handlers(handlers: SignalHandlers, conn: AgentClient, container_id: str,
@@ -24,7 +24,7 @@ def _agent_handlers(handlers: SignalHandlers, conn: AgentClient, container_id: s
     SIGWINCH as a resize when the process has a terminal."""
     def forward(signum: signal.Signals) -> Callable[[], None]:
         def callback() -> None:
-            _LOG.debug("forwarding %s to %s/%s", signum.name, container_id, exec_id)
+            logger.debug("forwarding %s to %s/%s", signum.name, container_id, exec_id)
             handlers.spawn(conn.signal(container_id, exec_id, int(signum)),
                            f"forwarding {signum.name} to {container_id}/{exec_id}")
         return callback

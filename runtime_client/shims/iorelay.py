@@ -27,7 +27,7 @@ from vmfactory.agent.client import AgentClient
 from vmfactory.errors import AgentError
 from vmfactory.proto import agent_pb2 as pb
 
-_LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
 # Chunks read from host stdin but not yet sent: bounds memory when the process
@@ -94,7 +94,7 @@ async def _initial_resize(conn: AgentClient, container_id: str, exec_id: str,
         await conn.resize(container_id, exec_id, size.lines, size.columns)
     except AgentError as exc:
         # A wrong window size is cosmetic; the relay matters more.
-        _LOG.warning("cannot set the terminal size of %s/%s: %s", container_id, exec_id, exc)
+        logger.warning("cannot set the terminal size of %s/%s: %s", container_id, exec_id, exc)
 
 
 async def _relay(conn: AgentClient, container_id: str, exec_id: str, stdin: int | None,
@@ -180,7 +180,7 @@ class _StdinReader:
                 select.select([self._fd], [], [])
             except OSError as exc:
                 # EIO on a hung-up terminal, EBADF on a closed fd: the input is over.
-                _LOG.debug("reading stdin fd %d: %s; treating it as EOF", self._fd, exc)
+                logger.debug("reading stdin fd %d: %s; treating it as EOF", self._fd, exc)
                 return _EOF
 
     def _acquire_slot(self) -> bool:
@@ -225,7 +225,7 @@ class _OutputWriter:
         except OSError as exc:
             if exc.errno not in (errno.EPIPE, errno.EBADF):
                 raise
-            _LOG.info("host %s (fd %d) is gone (%s); discarding further output",
+            logger.info("host %s (fd %d) is gone (%s); discarding further output",
                       name, fd, exc.strerror)
             self._broken.add(name)
 

@@ -20,7 +20,7 @@ from runtime_client.shims.builtin import BuiltinShim
 from vmfactory.agent.client import AgentClient
 from vmfactory.errors import AgentError, VmFactoryError
 
-_LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 PROG = "katashim"
 # The shim's own failures, as opposed to the container process's exit codes

@@ -8,7 +8,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-_LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # Signals a user or supervisor sends to stop or poke a program: the client passes
 # them on instead of dying itself.  SIGKILL/SIGSTOP cannot be caught.
@@ -37,7 +37,7 @@ class SignalHandlers:
             except (RuntimeError, ValueError) as exc:
                 # Not the main thread (or no signals here): the process still
                 # runs; it just cannot be signalled through us.
-                _LOG.warning("cannot forward %s: %s", signum.name, exc)
+                logger.warning("cannot forward %s: %s", signum.name, exc)
                 continue
             self._previous[signum] = previous
 
@@ -50,7 +50,7 @@ class SignalHandlers:
     def _finished(self, task: asyncio.Task[None], what: str) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            _LOG.warning("%s failed: %s", what, task.exception())
+            logger.warning("%s failed: %s", what, task.exception())
 
     async def remove(self) -> None:
         for signum, previous in self._previous.items():

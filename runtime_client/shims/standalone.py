@@ -19,7 +19,7 @@ from runtime_client.shims.base import Shim, exit_code_of
 from runtime_client.shims.signals import FORWARDED_SIGNALS, SignalHandlers
 from vmfactory.agent.client import AgentClient
 
-_LOG = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 SHIM_MODULE = "runtime_client.shims"
 # The directory holding the runtime_client and vmfactory packages.
@@ -80,7 +80,7 @@ async def _spawn_shim(argv: list[str], stdin: int | None, stdout: int,
             stderr=stderr, env=env, start_new_session=False)
     except OSError as exc:
         raise ClientError(f"cannot start the katashim process: {exc}") from exc
-    _LOG.debug("katashim pid %d: %s", proc.pid, argv)
+    logger.debug("katashim pid %d: %s", proc.pid, argv)
     return proc
 
 def _kill_handlers(proc: asyncio.subprocess.Process,

@@ -327,10 +327,11 @@ def test_agent_files_include_entry_point_and_generated_proto() -> None:
     assert all(f.is_file() for f in files)
     assert len(set(files)) == len(files)
     rel = [f.relative_to(PACKAGE_ROOT.parent).as_posix() for f in files]
-    # The agent may import only itself, the proto package and the import-free error
-    # tree (see guest/agent/__init__).
+    # The agent may import only itself, the proto package, the import-free error
+    # tree and the lifecycle guard (see guest/agent/__init__).
     assert all(r.startswith(("vmfactory/guest/", "vmfactory/proto/"))
-               or r in ("vmfactory/__init__.py", "vmfactory/errors.py") for r in rel), rel
+               or r in ("vmfactory/__init__.py", "vmfactory/errors.py", "vmfactory/util/__init__.py",
+                        "vmfactory/util/states.py") for r in rel), rel
     assert not any(r.endswith("gen.py") for r in rel), "the generator is host-only"
 
 

@@ -6,9 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +17,7 @@ import pytest
 from tests.conftest import qemu_pids_under
 from vmfactory.config import scratch_config
 from vmfactory.guest.image import GuestImage
-from vmfactory.util.sockets import socket_accepts
+from vmfactory.util.spawn import spawn_daemon
 
 POOL_READY_TIMEOUT_S = 180.0
 
@@ -53,17 +51,10 @@ def write_config(root: Path, min_size: int = 2, max_size: int = 3, store: str = 
     })
 
 
-def start_daemon(root: Path, config: Path) -> DaemonProc:
-    log = open(root / "daemon.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "vmfactory.cli", "--config", str(config),
-                             "init"], stdout=log, stderr=subprocess.STDOUT)
-    d = DaemonProc(root, config, proc)
-    deadline = time.monotonic() + 60
-    while not socket_accepts(d.socket):  # a stale socket file may be there already
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"daemon did not start:\n{d.log()}")
-        time.sleep(0.05)
-    return d
+def start_daemon(root: Path, config: Path, command: list[str] | None = None) -> DaemonProc:
+    """``vmfactory init`` (or ``command``) on ``config``, logging to ``root/daemon.log``."""
+    proc = spawn_daemon(config, root / "factory.sock", root / "daemon.log", command=command)
+    return DaemonProc(root, config, proc)
 
 
 

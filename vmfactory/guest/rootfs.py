@@ -29,6 +29,7 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # .../vmfactory
 def agent_files() -> list[Path]:
     """The host files that make up the agent inside the guest (sorted)."""
     files = [_PACKAGE_ROOT / "__init__.py", _PACKAGE_ROOT / "errors.py",
+             _PACKAGE_ROOT / "util" / "__init__.py", _PACKAGE_ROOT / "util" / "states.py",
              _PACKAGE_ROOT / "guest" / "__init__.py"]
     files += sorted((_PACKAGE_ROOT / "guest" / "agent").glob("*.py"))
     proto = _PACKAGE_ROOT / "proto"

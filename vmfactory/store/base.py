@@ -20,10 +20,11 @@ from typing import Any, Self
 
 from vmfactory.store.errors import RecordFormatError, StoreClosed
 from vmfactory.store.keys import key_in_prefix, validate_key, validate_prefix
+from vmfactory.util.states import Lifecycle, require
 
 __all__ = ["Store", "StoreState"]
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class StoreState(enum.Enum):
@@ -41,7 +42,7 @@ def _as_bytes(value: object) -> bytes:
     raise TypeError(f"store values must be bytes, not {type(value).__name__}")
 
 
-class Store(ABC):
+class Store(Lifecycle[StoreState], ABC):
     """A key/value store for vmfactory metadata.
 
     Keys follow :mod:`vmfactory.store.keys`; values are opaque bytes.  Every
@@ -53,8 +54,8 @@ class Store(ABC):
 
     def __init__(self, location: str) -> None:
         self._location = location
-        self._state = StoreState.OPEN
         self._state_lock = threading.Lock()
+        self._set_state(StoreState.OPEN)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -64,30 +65,26 @@ class Store(ABC):
         return self._location
 
     @property
-    def state(self) -> StoreState:
-        """The current :class:`StoreState`."""
-        return self._state
-
-    @property
     def closed(self) -> bool:
         """True once :meth:`close` has been called."""
-        return self._state is StoreState.CLOSED
+        return self.state is StoreState.CLOSED
 
-    def _check_open(self) -> None:
-        if self._state is not StoreState.OPEN:
-            raise StoreClosed(f"{type(self).__name__} at {self._location} is closed")
+    def _lifecycle_name(self) -> str:
+        return f"{type(self).__name__} at {self._location}"
+
+    def _state_error(self, operation: str) -> Exception:
+        return StoreClosed(f"{type(self).__name__} at {self._location} is closed")
 
     def close(self) -> None:
         """Release the store's resources.  Calling it again does nothing."""
         with self._state_lock:
-            if self._state is StoreState.CLOSED:
+            if self.state is StoreState.CLOSED:
                 return
-            self._state = StoreState.CLOSED
+            self._set_state(StoreState.CLOSED)
             self._close()
-        log.debug("closed %s at %s", type(self).__name__, self._location)
 
+    @require(StoreState.OPEN, operation="open")
     def __enter__(self) -> Self:
-        self._check_open()
         return self
 
     def __exit__(
@@ -99,19 +96,20 @@ class Store(ABC):
         self.close()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self._location} {self._state.value}>"
+        return f"<{type(self).__name__} {self._location} {self.state.value}>"
 
     # -- the plugin API ----------------------------------------------------
 
+    @require(StoreState.OPEN)
     def save(self, key: str, value: bytes) -> None:
         """Store ``value`` under ``key`` durably, replacing any previous value.
 
         When this returns the record survives a crash or power loss.
         """
-        self._check_open()
         validate_key(key)
         self._save(key, _as_bytes(value))
 
+    @require(StoreState.OPEN)
     def load(self, key: str) -> bytes:
         """Return the value stored under ``key``.
 
@@ -120,19 +118,19 @@ class Store(ABC):
         fail their checksum (they are moved aside first, so the key then reads
         as missing).
         """
-        self._check_open()
         validate_key(key)
         return self._load(key)
 
+    @require(StoreState.OPEN)
     def delete(self, key: str) -> None:
         """Remove the record under ``key``.
 
         Raises :class:`~vmfactory.store.errors.RecordNotFound` if there is none.
         """
-        self._check_open()
         validate_key(key)
         self._delete(key)
 
+    @require(StoreState.OPEN)
     def list(self, prefix: str = "") -> list[str]:
         """Return the sorted keys selected by ``prefix``.
 
@@ -140,7 +138,6 @@ class Store(ABC):
         selects keys under ``vms`` (``vms/a``, ``vms/b/c``), and ``"vms"``
         selects ``vms`` itself plus keys under it, never ``vmsx``.
         """
-        self._check_open()
         validate_prefix(prefix)
         return sorted(k for k in self._list(prefix) if key_in_prefix(k, prefix))
 

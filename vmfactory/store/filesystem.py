@@ -34,14 +34,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vmfactory.errors import StoreError
-from vmfactory.store.base import Store
+from vmfactory.store.base import Store, StoreState
 from vmfactory.store.errors import CorruptRecord, RecordNotFound
 from vmfactory.store.keys import PART_PATTERN, validate_key
 from vmfactory.store.record import EnvelopeError, decode_record, encode_record
 
 __all__ = ["FilesystemStore"]
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
@@ -124,7 +124,7 @@ class FilesystemStore(Store):
         except BaseException:
             self.close()
             raise
-        log.info("opened filesystem store at %s", self._root)
+        logger.info("opened filesystem store at %s", self._root)
 
     @property
     def root(self) -> Path:
@@ -146,7 +146,7 @@ class FilesystemStore(Store):
     def _write_lock(self) -> Iterator[None]:
         """Exclusive across threads (``threading.Lock``) and processes (``flock``)."""
         with self._thread_lock:
-            self._check_open()
+            self._check_state("write", (StoreState.OPEN,))  # closed while we waited?
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
                 yield
@@ -164,7 +164,7 @@ class FilesystemStore(Store):
                 for name in filenames:
                     if name.endswith(TEMP_SUFFIX):
                         stale = Path(dirpath, name)
-                        log.warning("removing leftover temp file %s", stale)
+                        logger.warning("removing leftover temp file %s", stale)
                         stale.unlink(missing_ok=True)
 
     # -- hooks -----------------------------------------------------------------
@@ -179,7 +179,7 @@ class FilesystemStore(Store):
                 self._replace_file(target, data)
             except OSError as exc:
                 raise StoreError(f"saving {key!r} to {target} failed: {exc}") from exc
-        log.debug("saved %s (%d bytes)", key, len(value))
+        logger.debug("saved %s (%d bytes)", key, len(value))
 
     def _replace_file(self, target: Path, data: bytes) -> None:
         tmp = target.with_name(f".{target.name}.{_unique_suffix()}{TEMP_SUFFIX}")
@@ -232,7 +232,7 @@ class FilesystemStore(Store):
                 moved_to = self._quarantine(path)
             except OSError as exc:
                 raise StoreError(f"cannot move corrupt record {key!r} aside: {exc}") from exc
-        log.error("record %s is corrupt (%s); moved to %s", key, reason, moved_to)
+        logger.error("record %s is corrupt (%s); moved to %s", key, reason, moved_to)
         raise CorruptRecord(key, reason, str(moved_to))
 
     def _quarantine(self, path: Path) -> Path:
@@ -257,7 +257,7 @@ class FilesystemStore(Store):
                 raise StoreError(f"deleting {key!r} ({path}) failed: {exc}") from exc
             _fsync_dir(path.parent)
             self._prune_empty_dirs(path.parent)
-        log.debug("deleted %s", key)
+        logger.debug("deleted %s", key)
 
     def _prune_empty_dirs(self, directory: Path) -> None:
         """Remove now-empty key directories up to (not including) ``data/``."""
@@ -296,7 +296,7 @@ class FilesystemStore(Store):
     def _close(self) -> None:
         with self._thread_lock:
             os.close(self._lock_fd)
-        log.info("closed filesystem store at %s", self._root)
+        logger.info("closed filesystem store at %s", self._root)
 
 
 def _part_of(name: str, suffix: str) -> bool:

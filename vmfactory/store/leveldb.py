@@ -28,7 +28,7 @@ from vmfactory.store.record import EnvelopeError, decode_record, encode_record
 
 __all__ = ["CORRUPT_PREFIX", "RECORD_PREFIX", "LevelDbStore", "db_key"]
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 RECORD_PREFIX = b"rec:"
 """Raw-key prefix of live records."""
@@ -57,7 +57,7 @@ class LevelDbStore(Store):
         self._write_mutex = threading.Lock()
         self._db = self._open_db(self._path)
         super().__init__(self._path)
-        log.info("opened leveldb store at %s", self._path)
+        logger.info("opened leveldb store at %s", self._path)
 
     @staticmethod
     def _open_db(path: str) -> plyvel.DB:
@@ -102,7 +102,7 @@ class LevelDbStore(Store):
     def _save(self, key: str, value: bytes) -> None:
         with self._write_mutex, self._db_errors(f"save of {key!r}"):
             self._db.put(db_key(key), encode_record(value), sync=True)
-        log.debug("saved %s (%d bytes)", key, len(value))
+        logger.debug("saved %s (%d bytes)", key, len(value))
 
     def _get(self, key: str) -> bytes:
         with self._db_errors(f"load of {key!r}"):
@@ -134,7 +134,7 @@ class LevelDbStore(Store):
                     batch.put(aside, raw)
                     batch.delete(db_key(key))
         moved_to = aside.decode("ascii")
-        log.error("record %s is corrupt (%s); moved to raw key %s", key, reason, moved_to)
+        logger.error("record %s is corrupt (%s); moved to raw key %s", key, reason, moved_to)
         raise CorruptRecord(key, reason, f"{self._path} raw key {moved_to}")
 
     def _delete(self, key: str) -> None:
@@ -142,7 +142,7 @@ class LevelDbStore(Store):
             self._get(key)
             with self._db_errors(f"delete of {key!r}"):
                 self._db.delete(db_key(key), sync=True)
-        log.debug("deleted %s", key)
+        logger.debug("deleted %s", key)
 
     def _list(self, prefix: str) -> list[str]:
         base = prefix[:-1] if prefix.endswith("/") else prefix
@@ -155,4 +155,4 @@ class LevelDbStore(Store):
     def _close(self) -> None:
         with self._write_mutex:
             self._db.close()
-        log.info("closed leveldb store at %s", self._path)
+        logger.info("closed leveldb store at %s", self._path)

@@ -1,7 +1,8 @@
 """The vmfactory guest agent: a gRPC service that runs inside each VM.
 
-It ships in the guest image together with ``vmfactory.proto`` and
+It ships in the guest image together with ``vmfactory.proto``,
 ``vmfactory.errors`` (the root of its error tree, a module without imports) and
+``vmfactory.util.states`` (the lifecycle guard, standard library only), and
 imports nothing else from vmfactory, so keep it that way.
 """
 

@@ -24,6 +24,7 @@ from vmfactory.guest.agent.errors import (
 )
 from vmfactory.guest.agent.launch import Launcher, LaunchPlan, ProcessPlan
 from vmfactory.guest.agent.process import GuestProcess, Stdio
+from vmfactory.util.states import Lifecycle, require
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,11 @@ async def wait_disk(serial: str, timeout: float) -> Path:
     return device
 
 
-class Container:
-    """One container: its mounts, its init process and the processes exec'd into it."""
+class Container(Lifecycle[ContainerState]):
+    """One container: its mounts, its init process and the processes exec'd into it.
+
+    Its state is derived from its init process (created until started, stopped
+    once the init exited), so it changes without ``_set_state``."""
 
     def __init__(self, container_id: str, workdir: Path) -> None:
         self.id = container_id
@@ -81,11 +85,55 @@ class Container:
     def rootfs(self) -> Path:
         return self.workdir / "rootfs"
 
+    def _state_error(self, operation: str) -> Exception:
+        return AgentStateError(f"container {self.id} is {self.state.value}: cannot {operation}")
+
     @property
-    def state(self) -> ContainerState:
+    def state(self) -> ContainerState:  # type: ignore[override]
         if self.init is None or self.init.exited.done():
             return ContainerState.STOPPED
         return ContainerState.RUNNING if self.start_w < 0 else ContainerState.CREATED
+
+    @require(ContainerState.CREATED)
+    async def start(self) -> None:
+        """Let the init run the program; its exec error, if the program could not run."""
+        init = self.init
+        assert init is not None
+        t0 = time.monotonic()
+        os.write(self.start_w, b"\x01")
+        os.close(self.start_w)
+        self.start_w = -1
+        failed = await init.exec_error()
+        if failed is not None:
+            raise failed
+        logger.info("container %s started in %.0f ms", self.id, (time.monotonic() - t0) * 1000)
+
+    @require(ContainerState.RUNNING)
+    async def exec(self, launcher: Launcher, exec_id: str, process: ProcessPlan,
+                   relay: bool, rows: int, cols: int) -> GuestProcess:
+        """Start another process in the container's namespaces."""
+        if exec_id in self.execs:
+            raise AlreadyExists(f"process {exec_id!r} exists in container {self.id}")
+        stdio = Stdio.open(relay, process.terminal, rows, cols)
+        proc = GuestProcess(self.id, exec_id, stdio)
+        status_r, status_w = os.pipe()
+        err_r, err_w = os.pipe()
+        plan = _plan(process, stdio, status_w, err_w)
+        assert self.init is not None
+        plan.join_pid = self.init.pid
+        proc.launch(launcher, plan, status_r, err_r)
+        failed = await proc.exec_error()
+        if failed is not None:
+            await proc.exited
+            proc.close()
+            raise failed
+        # Its PID (the monitor's "P") may come just after the exec itself.
+        await asyncio.wait({proc.started, proc.exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not proc.started.done() or proc.started.exception() is not None:
+            proc.close()
+            raise ExecFailed(f"process {exec_id} in container {self.id} did not start")
+        self.execs[exec_id] = proc
+        return proc
 
     def process(self, exec_id: str) -> GuestProcess:
         proc = self.init if not exec_id else self.execs.get(exec_id)
@@ -184,49 +232,13 @@ class ContainerManager:
             raise failed or ExecFailed(f"container {container.id}: init did not start in time")
 
     async def start(self, container_id: str) -> None:
-        container = self.get(container_id)
-        if container.state is not ContainerState.CREATED:
-            raise AgentStateError(f"container {container_id} is {container.state.value}, "
-                                  "not created")
-        init = container.init
-        assert init is not None
-        t0 = time.monotonic()
-        os.write(container.start_w, b"\x01")
-        os.close(container.start_w)
-        container.start_w = -1
-        failed = await init.exec_error()
-        if failed is not None:
-            raise failed
-        logger.info("container %s started in %.0f ms", container_id, (time.monotonic() - t0) * 1000)
+        await self.get(container_id).start()
 
     async def exec(self, container_id: str, exec_id: str, process: ProcessPlan,
                    relay: bool, rows: int, cols: int) -> GuestProcess:
         container = self.get(container_id)
         check_id("exec id", exec_id)
-        if container.state is not ContainerState.RUNNING:
-            raise AgentStateError(f"container {container_id} is {container.state.value}")
-        if exec_id in container.execs:
-            raise AlreadyExists(f"process {exec_id!r} exists in container {container_id}")
-        stdio = Stdio.open(relay, process.terminal, rows, cols)
-        proc = GuestProcess(container_id, exec_id, stdio)
-        status_r, status_w = os.pipe()
-        err_r, err_w = os.pipe()
-        plan = _plan(process, stdio, status_w, err_w)
-        assert container.init is not None
-        plan.join_pid = container.init.pid
-        proc.launch(self.launcher, plan, status_r, err_r)
-        failed = await proc.exec_error()
-        if failed is not None:
-            await proc.exited
-            proc.close()
-            raise failed
-        # Its PID (the monitor's "P") may come just after the exec itself.
-        await asyncio.wait({proc.started, proc.exited}, return_when=asyncio.FIRST_COMPLETED)
-        if not proc.started.done() or proc.started.exception() is not None:
-            proc.close()
-            raise ExecFailed(f"process {exec_id} in container {container_id} did not start")
-        container.execs[exec_id] = proc
-        return proc
+        return await container.exec(self.launcher, exec_id, process, relay, rows, cols)
 
     def signal(self, container_id: str, exec_id: str, sig: int, every: bool) -> None:
         container = self.get(container_id)
