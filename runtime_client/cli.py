@@ -214,7 +214,7 @@ async def _main(config: Config, args: argparse.Namespace) -> int:
     try:
         return await COMMANDS[args.command](rt, args)
     finally:
-        await rt.close()
+        await finish(rt.close())
 
 
 def exit_code_for(exc: VmFactoryError) -> int:

@@ -30,7 +30,7 @@ from vmfactory.errors import NotFound, VmFactoryError
 from vmfactory.server.client import FactoryClient
 from vmfactory.store import open_store
 from vmfactory.util.states import Lifecycle, require
-from vmfactory.util.tasks import finish
+from vmfactory.util.tasks import Teardown, finish
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Sandbox(Lifecycle[SandboxState]):
             # enough, and a sandbox whose VM died fails in seconds, not minutes.
             await conn.ping(self.runtime.config.timeouts.agent_call)
         except BaseException:
-            await conn.close()
+            await finish(conn.close())
             raise
         self.conn = conn
 
@@ -152,11 +152,17 @@ class Sandbox(Lifecycle[SandboxState]):
         try:
             await self._remove_containers()
         finally:
-            await self.disconnect()
-            await self.proxy.stop()
-            await self._stop_vm()
-            self._set_state(SandboxState.STOPPED)
-            self.save()
+            await finish(self._release())
+
+    async def _release(self) -> None:
+        """The agent connection, the proxy and the VM, each even if one fails."""
+        teardown = Teardown(f"sandbox {self.id}")
+        await teardown.step("disconnect", self.disconnect())
+        await teardown.step("stop the proxy", self.proxy.stop())
+        await teardown.step("stop the VM", self._stop_vm())
+        self._set_state(SandboxState.STOPPED)
+        self.save()
+        teardown.done()
         logger.info("sandbox %s stopped", self.id)
 
     async def _remove_containers(self) -> None:

@@ -15,6 +15,7 @@ from vmfactory.config import Config
 from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.spec import image_paths
 from vmfactory.util.progress import Progress
+from vmfactory.util.tasks import finish
 
 
 async def boot_once(config: Config, from_template: bool = False) -> dict[str, Any]:
@@ -42,8 +43,8 @@ async def boot_once(config: Config, from_template: bool = False) -> dict[str, An
             memory = vm.memory()
     finally:
         with progress.step("stop VM"):
-            await vm.stop()
-            await factory.close()
+            await finish(vm.stop())
+            await finish(factory.close())
     return {
         "vm_id": vm.id, "accel": vm.spec.accel, "cpus": info.cpus_online,
         "kernel": info.kernel_release, "guest_mem_total_mib": round(info.mem_total_kib / 1024, 1),
@@ -168,7 +169,7 @@ async def _container_demo(config: Config) -> dict[str, Any]:
                                                "t", time.monotonic()))
             finally:
                 os.close(out_w)
-                await sandbox.delete()
+                await finish(sandbox.delete())
             output = os.read(out_r, 4096).decode(errors="replace").strip()
             os.close(out_r)
     ms = {k: round(v, 1) for k, v in {**sandbox.timings, **container.timings}.items()}

@@ -24,6 +24,7 @@ import psutil
 from runtime_client.errors import ProxyError
 from runtime_client.proxies.forwarder import AgentProxy
 from vmfactory.util.sockets import socket_accepts
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +259,7 @@ async def _serve(upstream: str, listen: Path, ready_fd: int | None) -> int:
         await stop.wait()
         logger.info("signalled; stopping")
     finally:
-        await proxy.stop()
+        await finish(proxy.stop())
     return 0
 
 

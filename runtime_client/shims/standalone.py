@@ -18,6 +18,7 @@ from runtime_client.errors import ClientError
 from runtime_client.shims.base import Shim, exit_code_of
 from runtime_client.shims.signals import FORWARDED_SIGNALS, SignalHandlers
 from vmfactory.agent.client import AgentClient
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class StandaloneShim(Shim):
             # Abandoning the shim must not leave it behind; SIGKILL rather than
             # SIGTERM, which it would pass on to the container process.
             _kill_quietly(proc, signal.SIGKILL)
-            await asyncio.shield(proc.wait())
+            await finish(proc.wait())
             raise
         finally:
             await handlers.remove()

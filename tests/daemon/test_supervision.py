@@ -40,7 +40,8 @@ async def test_refills_failing_on_the_store_are_logged_and_retried(
         assert daemon.state is DaemonState.SERVING
         with pytest.raises(PoolEmpty):
             await daemon.get_vm(VmRequest(), time.monotonic() + 0.2)
-        assert not pool.ready and not standins(root)  # the failed VMs were stopped
+        # The VMs whose record failed were stopped: any live one is a refill in flight.
+        assert not pool.ready and len(standins(root)) <= pool.refilling
         store.fail = set()
         await until(lambda: len(pool.ready) == 2, timeout=40, what="refill after the fault")
         lease = await daemon.get_vm(VmRequest(), time.monotonic() + 10)

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Literal
 
+from vmfactory.util.tasks import finish
+
 logger = logging.getLogger(__name__)
 
 PROBE_MARKER = "VMFACTORY-PROBE-OK"
@@ -60,7 +62,7 @@ async def probe_guest(accel: Literal["kvm", "tcg"], qemu: str, kernel: Path, ini
     finally:
         if proc.returncode is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
+        await finish(proc.wait())
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -18,10 +18,10 @@ import re
 import secrets
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import psutil
 
@@ -31,8 +31,11 @@ from vmfactory.config import TimeoutsConfig, VmConfig
 from vmfactory.errors import HypervisorError, InvalidRequest, VmStateError
 from vmfactory.hypervisor.proc import processes_under
 from vmfactory.util.states import Lifecycle, require
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SERIAL_RE = re.compile(r"^[A-Za-z0-9-]{1,20}$")  # virtio-blk serials hold 20 bytes
 # A VM id names the VM's run directory: nothing that could point elsewhere.
@@ -243,13 +246,37 @@ class Vm(Lifecycle[VmState], ABC):
         """Unplug a disk :meth:`attach_disk` added."""
         raise HypervisorError("detach-disk", f"{type(self).__name__} cannot hot-plug disks")
 
-    @abstractmethod
     async def stop(self) -> None:
         """Shut down and remove every trace; idempotent.
 
         Any state goes to STOPPED, except FAILED: a VM that failed to start was
         already torn down and keeps saying why it is gone.
         """
+        if self.state in (VmState.CREATED, VmState.STOPPED, VmState.FAILED):
+            if self.state is VmState.CREATED:
+                self._set_state(VmState.STOPPED)
+            return
+        self._set_state(VmState.STOPPING)
+        try:
+            await finish(self._teardown(graceful=True))
+        finally:
+            self._stopped()
+
+    async def _starting(self, setup: Awaitable[T]) -> T:
+        """Run ``setup`` (a start or an adopt) in STARTING; if it fails or is
+        cancelled, tear down what it made (FAILED) and re-raise."""
+        self._set_state(VmState.STARTING)
+        try:
+            return await setup
+        except BaseException:
+            self._set_state(VmState.FAILED)
+            await finish(self._teardown(graceful=False))
+            raise
+
+    @abstractmethod
+    async def _teardown(self, graceful: bool) -> None:
+        """Undo the set-up in reverse: agent channels, the process, the run directory.
+        ``graceful``: ask the VM to exit before it is killed."""
 
 
 class Hypervisor(ABC):

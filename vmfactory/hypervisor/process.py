@@ -25,7 +25,6 @@ from vmfactory.errors import HypervisorError
 from vmfactory.hypervisor.base import Hypervisor, Vm, VmState
 from vmfactory.hypervisor.proc import AdoptedProcess, ChildProcess, ProcessHandle
 from vmfactory.util.states import require
-from vmfactory.util.tasks import finish
 
 AGENT_MODULE = "vmfactory.guest.agent"
 
@@ -43,39 +42,34 @@ class ProcessVm(Vm):
 
     @require(VmState.CREATED)
     async def start(self) -> None:
-        self._set_state(VmState.STARTING)
-        t0 = time.monotonic()
-        try:
-            self.run_dir.mkdir(mode=0o700, parents=True)
-            self._proc = ChildProcess(await asyncio.create_subprocess_exec(
-                sys.executable, "-m", AGENT_MODULE, "--standin",
-                "--listen", f"unix:{self.agent_socket}",
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, start_new_session=True))
-            self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
-            await self._connect_agent()
-            self.timings.agent_ready_ms = (time.monotonic() - t0) * 1000
-        except BaseException:
-            self._set_state(VmState.FAILED)
-            await finish(self._teardown())
-            raise
+        await self._starting(self._spawn())
         self._set_state(VmState.RUNNING)
+
+    async def _spawn(self) -> None:
+        t0 = time.monotonic()
+        self.run_dir.mkdir(mode=0o700, parents=True)
+        self._proc = ChildProcess(await asyncio.create_subprocess_exec(
+            sys.executable, "-m", AGENT_MODULE, "--standin",
+            "--listen", f"unix:{self.agent_socket}",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True))
+        self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
+        await self._connect_agent()
+        self.timings.agent_ready_ms = (time.monotonic() - t0) * 1000
 
     @require(VmState.CREATED)
     async def adopt(self, pid: int) -> None:
-        self._set_state(VmState.STARTING)
-        try:
-            self._proc, paused = self._adoptable(pid)
-            if paused:
-                os.kill(pid, signal.SIGCONT)  # the agent answers only while it runs
-            await self._connect_agent()
-            if paused:
-                os.kill(pid, signal.SIGSTOP)
-        except BaseException:
-            self._set_state(VmState.FAILED)
-            await finish(self._teardown())
-            raise
+        paused = await self._starting(self._take_over(pid))
         self._set_state(VmState.PAUSED if paused else VmState.RUNNING)
+
+    async def _take_over(self, pid: int) -> bool:
+        self._proc, paused = self._adoptable(pid)
+        if paused:
+            os.kill(pid, signal.SIGCONT)  # the agent answers only while it runs
+        await self._connect_agent()
+        if paused:
+            os.kill(pid, signal.SIGSTOP)
+        return paused
 
     def _adoptable(self, pid: int) -> tuple[AdoptedProcess, bool]:
         """The stand-in process ``pid`` of this VM, and whether it is stopped."""
@@ -108,18 +102,7 @@ class ProcessVm(Vm):
         os.kill(self._proc.pid, signal.SIGCONT)
         self._set_state(VmState.RUNNING)
 
-    async def stop(self) -> None:
-        if self.state in (VmState.CREATED, VmState.STOPPED, VmState.FAILED):
-            if self.state is VmState.CREATED:
-                self._set_state(VmState.STOPPED)
-            return
-        self._set_state(VmState.STOPPING)
-        try:
-            await finish(self._teardown())
-        finally:
-            self._stopped()
-
-    async def _teardown(self) -> None:
+    async def _teardown(self, graceful: bool) -> None:
         await self.disconnect_agent()
         if self._proc is not None:
             await self._proc.kill()

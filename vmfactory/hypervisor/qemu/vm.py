@@ -27,7 +27,6 @@ from vmfactory.hypervisor.proc import QEMU_MARKER, AdoptedProcess, ChildProcess,
 from vmfactory.hypervisor.qemu import hotplug, migration
 from vmfactory.hypervisor.qemu.argv import last_line, qemu_argv
 from vmfactory.util.states import require
-from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -56,46 +55,42 @@ class QemuVm(Vm):
     # -- process lifecycle ---------------------------------------------------
     @require(VmState.CREATED)
     async def start(self) -> None:
-        self._set_state(VmState.STARTING)
-        t0 = time.monotonic()
-        try:
-            self._check_inputs()
-            self.run_dir.mkdir(mode=0o700, parents=True)
-            await self._spawn()
-            await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
-            self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
-            if self.spec.incoming is not None:
-                await self._guarded("restore", migration.restore(
-                    self.qmp, self.spec.incoming, self._exit_reason), self.timeouts.migrate)
-                self.timings.restore_ms = (time.monotonic() - t0) * 1000
-            await self._wait_agent()
-            self.timings.agent_ready_ms = (time.monotonic() - t0) * 1000
-        except BaseException:
-            self._set_state(VmState.FAILED)
-            await finish(self._teardown())
-            raise
+        await self._starting(self._boot())
         self._set_state(VmState.RUNNING)
         logger.info("vm %s running (pid %s, agent ready in %.0f ms)", self.id, self.pid,
                     self.timings.agent_ready_ms)
 
+    async def _boot(self) -> None:
+        t0 = time.monotonic()
+        self._check_inputs()
+        self.run_dir.mkdir(mode=0o700, parents=True)
+        await self._spawn()
+        await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
+        self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
+        if self.spec.incoming is not None:
+            await self._guarded("restore", migration.restore(
+                self.qmp, self.spec.incoming, self._exit_reason), self.timeouts.migrate)
+            self.timings.restore_ms = (time.monotonic() - t0) * 1000
+        await self._wait_agent()
+        self.timings.agent_ready_ms = (time.monotonic() - t0) * 1000
+
     @require(VmState.CREATED)
     async def adopt(self, pid: int) -> None:
-        self._set_state(VmState.STARTING)
-        try:
-            self._proc = _adoptable(pid, self.run_dir)
-            await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
-            paused = (await self.qmp("query-status"))["status"] == "paused"
-            if paused:
-                await self.qmp("cont")  # the agent answers only while the vCPUs run
-            await self._wait_agent()
-            if paused:
-                await self.qmp("stop")
-        except BaseException:
-            self._set_state(VmState.FAILED)
-            await finish(self._teardown())
-            raise
+        paused = await self._starting(self._take_over(pid))
         self._set_state(VmState.PAUSED if paused else VmState.RUNNING)
         logger.info("vm %s adopted (pid %d, %s)", self.id, pid, self.state.value)
+
+    async def _take_over(self, pid: int) -> bool:
+        """Connect to the QEMU ``pid`` and its agent; whether its vCPUs were stopped."""
+        self._proc = _adoptable(pid, self.run_dir)
+        await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
+        paused = bool((await self.qmp("query-status"))["status"] == "paused")
+        if paused:
+            await self.qmp("cont")  # the agent answers only while the vCPUs run
+        await self._wait_agent()
+        if paused:
+            await self.qmp("stop")
+        return paused
 
     def _check_inputs(self) -> None:
         for what, path in (("kernel", self.spec.kernel), ("initrd", self.spec.initrd),
@@ -246,18 +241,7 @@ class QemuVm(Vm):
         await hotplug.detach_disk(self.qmp, serial, self.timeouts.hotplug)
 
     # -- teardown --------------------------------------------------------------
-    async def stop(self) -> None:
-        if self.state in (VmState.STOPPED, VmState.FAILED, VmState.CREATED):
-            if self.state is VmState.CREATED:
-                self._set_state(VmState.STOPPED)
-            return
-        self._set_state(VmState.STOPPING)
-        try:
-            await finish(self._teardown(graceful=True))
-        finally:
-            self._stopped()
-
-    async def _teardown(self, graceful: bool = False) -> None:
+    async def _teardown(self, graceful: bool) -> None:
         """Agent channel, QMP, process, run directory: undone in reverse order of setup."""
         await self.disconnect_agent()
         if graceful and self._qmp is not None and self._proc and self._proc.returncode is None:
