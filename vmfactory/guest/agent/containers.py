@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import os
 import re
@@ -58,9 +59,22 @@ def find_disk(serial: str) -> Path | None:
     return None
 
 
+def _opens(device: Path) -> bool:
+    """Whether ``device`` can be opened yet: its node appears a moment before the
+    kernel finishes adding the disk, and until then opening it (or mounting it)
+    fails with ENXIO."""
+    try:
+        os.close(os.open(device, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        if exc.errno in (errno.ENXIO, errno.ENOENT, errno.ENODEV):
+            return False
+        raise
+    return True
+
+
 async def wait_disk(serial: str, timeout: float) -> Path:
     deadline = time.monotonic() + min(timeout or SETUP_TIMEOUT_S, MAX_DISK_TIMEOUT_S)
-    while (device := find_disk(serial)) is None or not device.exists():
+    while (device := find_disk(serial)) is None or not _opens(device):
         if time.monotonic() > deadline:
             raise Timeout(f"no disk with serial {serial!r} appeared within {timeout:g} s")
         await asyncio.sleep(DISK_POLL_S)
