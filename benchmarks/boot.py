@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import RESULTS, progress, save_json, stats, table  # noqa: E402
+from benchmarks.lib.output import RESULTS, progress, save_json, table  # noqa: E402
+from benchmarks.lib.stats import stats  # noqa: E402
 
 from vmfactory.config import Config, load_config  # noqa: E402
 from vmfactory.factory.direct import DirectFactory  # noqa: E402

@@ -47,10 +47,11 @@ from typing import Any
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import RESULTS, progress, save_json, spawn_daemon, stats, table  # noqa: E402
+from benchmarks.lib.output import RESULTS, progress, save_json, table  # noqa: E402
+from benchmarks.lib.stats import percentile, stats, summarize  # noqa: E402
+from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
 from vmfactory.server.client import FactoryClient  # noqa: E402
 from vmfactory.config import scratch_config  # noqa: E402
@@ -98,28 +99,6 @@ class MemoryLow(Exception):
 
 def available_mib() -> float:
     return psutil.virtual_memory().available / (1 << 20)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile, the way common.stats() computes p90."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
-def summarize(samples: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Latency stats (client side, ms) with p99, the server's own get_ms and the hits."""
-    ok = [s for s in samples if "error" not in s]
-    out: dict[str, Any] = {"requests": len(samples), "errors": len(samples) - len(ok)}
-    if not ok:
-        return out
-    ms = [s["ms"] for s in ok]
-    out.update(stats(ms))
-    out["p99"] = round(percentile(ms, 99), 3)
-    out["server_median"] = round(statistics.median(s["server_ms"] for s in ok), 3)
-    out["server_p99"] = round(percentile([s["server_ms"] for s in ok], 99), 3)
-    out["hit_fraction"] = round(sum(s["source"] == "pool" for s in ok) / len(ok), 4)
-    out["sources"] = dict(Counter(s["source"] for s in ok))
-    return out
 
 
 def qemu_pids_under(root: Path) -> list[int]:
@@ -189,9 +168,9 @@ class DaemonRun:
         self.log_path.unlink(missing_ok=True)
         try:
             self.proc = await asyncio.to_thread(spawn_daemon, self.config, self.socket,
-                                                self.log_path, DAEMON_START_S)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{self.label}: {exc}:\n{self.log()[-2000:]}") from exc
+                                                self.log_path, timeout=DAEMON_START_S)
+        except RuntimeError as exc:  # its message ends with the daemon log's tail
+            raise RuntimeError(f"{self.label}: {exc}") from exc
         progress(f"{PREFIX} {self.label}: daemon pid {self.proc.pid} serving on {self.socket} "
                  f"(pool {self.min_size}..{self.max_size}, keep_running="
                  f"{str(self.keep_running).lower()}, empty={self.empty})")

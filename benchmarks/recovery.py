@@ -20,9 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import progress, save_json, spawn_daemon, table  # noqa: E402
+from benchmarks.lib.output import progress, save_json, table  # noqa: E402
+from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
 from vmfactory.server.client import FactoryClient  # noqa: E402
 from vmfactory.config import scratch_config  # noqa: E402

@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
 import psutil  # noqa: E402
-from common import RESULTS, progress, save_json, spawn_daemon, stats, table  # noqa: E402
+from benchmarks.lib.output import RESULTS, progress, save_json, table  # noqa: E402
+from benchmarks.lib.stats import stats  # noqa: E402
+from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
 from runtime_client.bundles import Bundle, ImageCache, load_bundle  # noqa: E402
 from vmfactory.server.client import FactoryClient  # noqa: E402
@@ -90,7 +91,7 @@ def write_config(root: Path, phase: str, guest: GuestImage) -> Path:
 def daemon(root: Path, config: Path, label: str) -> Iterator[subprocess.Popen[bytes]]:
     """A daemon process serving ``config``; SIGTERM'd and awaited on exit."""
     proc = spawn_daemon(config, root / "factory.sock", root / f"daemon-{label}.log",
-                        DAEMON_START_S)
+                        timeout=DAEMON_START_S)
     try:
         progress(f"run: {label} daemon pid {proc.pid} serving")
         yield proc
