@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -49,16 +48,18 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.lib.host import (  # noqa: E402
+    LOW_WATER_MIB, MemoryGuard, MemoryLow, available_mib, check_room, host_end, host_start)
+from benchmarks.lib.leaks import kill_processes, mounts_under, settled_qemu, unmount  # noqa: E402
 from benchmarks.lib.output import RESULTS, progress, save_json, table  # noqa: E402
 from benchmarks.lib.stats import percentile, stats, summarize  # noqa: E402
 from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
 from vmfactory.server.client import FactoryClient  # noqa: E402
 from vmfactory.config import scratch_config  # noqa: E402
+from vmfactory.hypervisor.proc import processes_under  # noqa: E402
 
 PREFIX = "pool:"
-# The benchmark stops a phase when the host's available memory drops under this.
-LOW_WATER_MIB = 2048
 # The daemons' refills pause under this (daemon.mem_floor_mib), before LOW_WATER_MIB.
 MEM_FLOOR_MIB = 3072
 # Host memory per VM, with a margin, for the checks before a phase starts.
@@ -91,45 +92,7 @@ SWEEP_CLIENTS = 8
 LOG_DIR: Path | None = None
 
 
-class MemoryLow(Exception):
-    """The host's available memory dropped (or would drop) under LOW_WATER_MIB."""
-
-
 # -- small helpers -----------------------------------------------------------
-
-def available_mib() -> float:
-    return psutil.virtual_memory().available / (1 << 20)
-
-
-def qemu_pids_under(root: Path) -> list[int]:
-    """QEMU processes whose command line mentions ``root``."""
-    needle = str(root)
-    pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "qemu-system" in cmd and needle in cmd:
-            pids.append(proc.info["pid"])
-    return pids
-
-
-def mounts_under(root: Path) -> list[str]:
-    try:
-        lines = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return []
-    points = [ln.split()[1] for ln in lines if len(ln.split()) > 1]
-    return [p for p in points if p == str(root) or p.startswith(f"{root}/")]
-
-
-def other_qemu_count(prefix: str = "/tmp/vmfb-") -> int:
-    """QEMU processes not started by this benchmark: they share the CPUs with it."""
-    count = 0
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "qemu-system" in cmd and prefix not in cmd:
-            count += 1
-    return count
-
 
 async def connect(clients: list[FactoryClient]) -> None:
     """Open every client's channel (a cheap RPC) so no measured call pays for it."""
@@ -225,13 +188,8 @@ class DaemonRun:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
         info["stop_s"] = round(time.monotonic() - t, 2)
-        # Give processes a moment to vanish from /proc after the daemon reaped them.
-        pids: list[int] = []
-        for _ in range(10):
-            pids = qemu_pids_under(self.root)
-            if not pids:
-                break
-            time.sleep(0.2)
+        procs = settled_qemu(self.root)
+        pids = [p.info["pid"] for p in procs]
         run = self.root / "run"
         run_entries = sorted(p.name for p in run.iterdir()) if run.is_dir() else []
         mounts = mounts_under(self.root)
@@ -258,68 +216,13 @@ class DaemonRun:
             kept = LOG_DIR / f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', self.label)}.log"
             shutil.copyfile(self.log_path, kept)
             info["log_copy"] = str(kept)
-        self.cleanup(pids, mounts)
+        self.cleanup(procs, mounts)
         return info
 
-    def cleanup(self, pids: list[int], mounts: list[str]) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for point in sorted(mounts, reverse=True):
-            subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+    def cleanup(self, procs: list[psutil.Process], mounts: list[str]) -> None:
+        kill_processes(procs)
+        unmount(mounts)
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-# -- memory guard ------------------------------------------------------------
-
-class MemoryGuard:
-    """Cancels the phase (raising MemoryLow) if available memory drops under LOW_WATER_MIB."""
-
-    lowest_mib = math.inf
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.tripped: str | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> MemoryGuard:
-        target = asyncio.current_task()
-        assert target is not None
-        self._task = asyncio.create_task(self._watch(target))
-        return self
-
-    async def _watch(self, target: asyncio.Task[Any]) -> None:
-        while True:
-            avail = available_mib()
-            MemoryGuard.lowest_mib = min(MemoryGuard.lowest_mib, avail)
-            if avail < LOW_WATER_MIB:
-                self.tripped = (f"{self.label}: available memory {avail:.0f} MiB < "
-                                f"{LOW_WATER_MIB} MiB")
-                target.cancel()
-                return
-            await asyncio.sleep(0.5)
-
-    async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        try:
-            await self._task
-        except asyncio.CancelledError:
-            pass
-        if self.tripped and et is asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
-            raise MemoryLow(self.tripped)
-
-
-def check_room(label: str, need_mib: float) -> None:
-    avail = available_mib()
-    if avail - need_mib < LOW_WATER_MIB:
-        raise MemoryLow(f"{label}: {avail:.0f} MiB available, the phase needs ~{need_mib:.0f} "
-                        f"MiB and {LOW_WATER_MIB} MiB must stay free")
 
 
 async def run_phase(label: str, daemon: DaemonRun, need_mib: float,
@@ -328,7 +231,7 @@ async def run_phase(label: str, daemon: DaemonRun, need_mib: float,
     out: dict[str, Any] = {"pool": daemon.describe()}
     t = time.monotonic()
     try:
-        check_room(label, need_mib)
+        check_room(need_mib, label=label)
         await daemon.start()
         async with MemoryGuard(label):
             out.update(await body(daemon))
@@ -499,7 +402,7 @@ def comparison_body(n: int) -> Callable[[DaemonRun], Awaitable[dict[str, Any]]]:
                     ("cold_boot", {"base": "direct"}, BOOT_TIMEOUT_S, "boot")):
                 samples = []
                 for i in range(n):
-                    check_room("comparison", DIRECT_MIB)
+                    check_room(DIRECT_MIB, label="comparison")
                     t = time.perf_counter()
                     try:
                         h = await ctl.get_vm(**kwargs, timeout=timeout)
@@ -582,7 +485,7 @@ def cycles_body(n: int, concurrency: int) -> Callable[[DaemonRun], Awaitable[dic
                 out["settle_error"] = str(exc)
             st = await ctl.status()
             known = {v.pid for v in st.vms if v.pid}
-            running = set(qemu_pids_under(d.root / "run"))
+            running = {p.info["pid"] for p in processes_under(d.root / "run")}
             out["untracked_qemu_before_stop"] = sorted(running - known)
             out["leases_left"] = sum(1 for v in st.vms if v.lease_id)
             out["pool_counters"] = await pool_counters(ctl)
@@ -707,10 +610,8 @@ def fit_concurrencies(label: str, wanted: list[int]) -> list[int]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     p = plan(args)
-    host: dict[str, Any] = {"cpus": os.cpu_count(),
-                            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                            "other_qemu_start": other_qemu_count(),
-                            "available_mib_start": round(available_mib())}
+    # No phase daemon runs now: every QEMU process on the host is another's.
+    host: dict[str, Any] = {**host_start(), "available_mib_start": round(available_mib())}
     progress(f"{PREFIX} {'quick' if args.quick else 'full'} run; host: {host['cpus']} CPUs, "
              f"load {host['loadavg_start'][0]}, {host['other_qemu_start']} other QEMU processes, "
              f"{host['available_mib_start']} MiB available")
@@ -759,10 +660,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             sweep_body(p["rates"], p["duration"], SWEEP_SEED))
     phases["sweep"] = sweep_phases
 
-    host.update({"loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                 "other_qemu_end": other_qemu_count(),
-                 "available_mib_min": (round(MemoryGuard.lowest_mib)
-                                       if MemoryGuard.lowest_mib < math.inf else None)})
+    host.update({**host_end(), "available_mib_min": MemoryGuard.lowest()})
     result = assemble(args, p, phases, host)
     result["runtime_s"] = round(time.monotonic() - t_start, 1)
     return result

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.lib.leaks import remove_tree  # noqa: E402
 from benchmarks.lib.output import progress, save_json, table  # noqa: E402
 from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
@@ -84,7 +84,9 @@ async def run(n: int) -> dict[str, object]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=120)
-        shutil.rmtree(root, ignore_errors=True)
+        leaked = remove_tree(root)
+        if leaked:
+            progress(f"recovery: killed leftover QEMU processes under {root}: {leaked}")
 
 
 def main() -> int:

@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -39,7 +38,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import psutil  # noqa: E402
+from benchmarks.lib.host import other_qemu_count  # noqa: E402
+from benchmarks.lib.leaks import remove_tree  # noqa: E402
 from benchmarks.lib.output import RESULTS, progress, save_json, table  # noqa: E402
 from benchmarks.lib.stats import stats  # noqa: E402
 from vmfactory.util.spawn import spawn_daemon  # noqa: E402
@@ -206,28 +206,6 @@ async def run_phase(config: Config, source: str, n: int, bundle: Bundle,
         await rt.close()
 
 
-def other_qemu_count(root: Path) -> int:
-    """QEMU processes not ours: they share the CPUs with this benchmark."""
-    return len([p for p in psutil.process_iter(["cmdline"])
-                if "qemu-system" in " ".join(p.info["cmdline"] or [])
-                and str(root) not in " ".join(p.info["cmdline"] or [])])
-
-
-def reap_qemu(root: Path) -> list[int]:
-    """Kill QEMU processes whose command line mentions ``root``; return their pids."""
-    leaked = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "qemu-system" in cmd and str(root) in cmd:
-            leaked.append(proc.info["pid"])
-            try:
-                proc.kill()
-                proc.wait(10)
-            except psutil.Error:
-                pass
-    return leaked
-
-
 async def phases(root: Path, n_cold: int, n: int) -> dict[str, Any]:
     guest = await asyncio.to_thread(ImageBuilder(load_config().paths.state_dir, quiet=True).ensure)
     paths = {s: write_config(root, s, guest) for s in SOURCES}
@@ -272,10 +250,9 @@ async def measure(n_cold: int, n: int) -> dict[str, Any]:
     try:
         result = await phases(root, n_cold, n)
     finally:
-        leaked = reap_qemu(root)
+        leaked = remove_tree(root)
         if leaked:
             progress(f"run: killed leftover QEMU processes under {root}: {leaked}")
-        shutil.rmtree(root, ignore_errors=True)
     result["other_qemu"] = {"start": others, "end": other_qemu_count(root)}
     result["leaked_qemu"] = leaked
     return result

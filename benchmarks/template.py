@@ -22,21 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.lib.host import MemoryLow, check_room, host_end, host_start  # noqa: E402
+from benchmarks.lib.leaks import remove_tree  # noqa: E402
 from benchmarks.lib.output import RESULTS, progress, save_json, table  # noqa: E402
 from benchmarks.lib.stats import stats  # noqa: E402
 
@@ -50,8 +47,6 @@ from vmfactory.hypervisor.qemu import QemuHypervisor  # noqa: E402
 
 PREFIX = "template:"
 TEMPLATE_NAME = "bench"
-# Stop booting when the host's available memory would drop under this.
-LOW_WATER_MIB = 2048
 # Per-VM memory guess before one was measured: guest RAM plus TCG/QEMU overhead.
 OVERHEAD_GUESS_MIB = 256
 
@@ -59,10 +54,6 @@ TARGET_CLONE_MS = 60.0
 TARGET_RATIO = 50.0
 TARGET_PSS_FRACTION = 0.20
 TARGET_PSS_N = 10
-
-
-class OutOfMemory(Exception):
-    """Booting one more VM would leave the host under LOW_WATER_MIB available."""
 
 
 class Bench:
@@ -78,12 +69,9 @@ class Bench:
         self.rss_seen: dict[str, float] = {}
 
     def check_room(self, kind: str, extra_mib: float = 0.0) -> None:
-        """Raise OutOfMemory if one more ``kind`` VM would leave < LOW_WATER_MIB available."""
+        """Raise MemoryLow if one more ``kind`` VM would leave < LOW_WATER_MIB available."""
         need = self.rss_seen.get(kind, self.config.vm.memory_mib + OVERHEAD_GUESS_MIB) + extra_mib
-        available = psutil.virtual_memory().available / (1 << 20)
-        if available - need < LOW_WATER_MIB:
-            raise OutOfMemory(f"{available:.0f} MiB available, one more {kind} VM needs "
-                              f"~{need:.0f} MiB and {LOW_WATER_MIB} MiB must stay free")
+        check_room(need, what=f"one more {kind} VM")
 
     def note_rss(self, kind: str, rss_mib: float) -> None:
         self.rss_seen[kind] = max(self.rss_seen.get(kind, 0.0), rss_mib)
@@ -132,7 +120,7 @@ async def latency_cold(bench: Bench, n: int,
     for i in range(n):
         try:
             vm = await bench.boot()
-        except OutOfMemory as exc:
+        except MemoryLow as exc:
             progress(f"{PREFIX} [{i + 1}/{n}] cold boot: stopping early: {exc}")
             stopped_early["latency_cold"] = str(exc)
             break
@@ -171,7 +159,7 @@ async def latency_clones(bench: Bench, n: int,
     for i in range(n):
         try:
             vm = await bench.clone()
-        except OutOfMemory as exc:
+        except MemoryLow as exc:
             progress(f"{PREFIX} [{i + 1}/{n}] clone: stopping early: {exc}")
             stopped_early["latency_clone"] = str(exc)
             break
@@ -201,7 +189,7 @@ async def memory_phase(bench: Bench, kind: str, sizes: list[int]) -> dict[str, A
         for i in range(top):
             try:
                 vm = await (bench.boot() if kind == "direct" else bench.clone())
-            except OutOfMemory as exc:
+            except MemoryLow as exc:
                 stopped_early = str(exc)
                 progress(f"{PREFIX} [{i + 1}/{top}] {kind}: stopping early: {exc}")
                 break
@@ -263,9 +251,7 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
 
 async def run(config: Config, n: int, clones: int, sizes: list[int]) -> dict[str, Any]:
     t_start = time.monotonic()
-    host: dict[str, Any] = {"cpus": os.cpu_count(),
-                            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-                            "other_qemu_start": other_qemu_count(config.paths.run_dir)}
+    host = host_start(config.paths.run_dir)
     progress(f"{PREFIX} preparing the guest image")
     await image_paths(config, quiet=False)
     bench = Bench(config)
@@ -315,8 +301,7 @@ async def run(config: Config, n: int, clones: int, sizes: list[int]) -> dict[str
         "reached": {"direct": mem_direct["reached"], "clone": mem_clone["reached"]},
         "stopped_early": stopped_early or None,
     }
-    host.update({"loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                 "other_qemu_end": other_qemu_count(config.paths.run_dir)})
+    host.update(host_end(config.paths.run_dir))
     result["host"] = host
     result["targets"] = evaluate_targets(result)
     result["runtime_s"] = round(time.monotonic() - t_start, 1)
@@ -455,48 +440,6 @@ def parse_sizes(text: str) -> list[int]:
     return sizes
 
 
-def kill_leftovers(run_dir: Path) -> list[int]:
-    """Last resort after a hard interrupt: kill QEMU processes started under ``run_dir``."""
-    needle = f"{run_dir}/"
-    killed = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if not cmd or "qemu-system" not in cmd[0] or not any(needle in a for a in cmd):
-            continue
-        try:
-            if os.getpgid(proc.pid) == proc.pid:  # its own session: take its helpers too
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
-            proc.wait(timeout=5)
-            killed.append(proc.pid)
-        except (psutil.Error, ProcessLookupError, OSError):
-            pass
-    return killed
-
-
-def unmount_under(directory: Path) -> None:
-    """Lazily unmount anything still mounted under ``directory`` (a template's tmpfs)."""
-    prefix = f"{directory}/"
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return
-    points = [line.split()[1] for line in mounts if len(line.split()) > 1]
-    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-
-
-def other_qemu_count(run_dir: Path) -> int:
-    """QEMU processes not started by this benchmark: they share the CPUs with it."""
-    count = 0
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info["cmdline"] or []
-        if cmd and "qemu-system" in cmd[0] and not any(f"{run_dir}/" in a for a in cmd):
-            count += 1
-    return count
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", "--n", type=int, default=5, help="VMs to cold-boot (default 5)")
@@ -519,12 +462,9 @@ def main() -> int:
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:  # Ctrl-C, SIGTERM
         interrupted = exc
     finally:
-        leftovers = kill_leftovers(run_dir)
+        leftovers = remove_tree(run_dir) + remove_tree(shm_dir)
         if leftovers:
             progress(f"{PREFIX} killed leftover QEMU processes {leftovers}")
-        shutil.rmtree(run_dir, ignore_errors=True)
-        unmount_under(shm_dir)
-        shutil.rmtree(shm_dir, ignore_errors=True)
     if interrupted is not None:
         progress(f"{PREFIX} interrupted ({type(interrupted).__name__}): every VM stopped, "
                  f"run and template directories removed; no results saved")
