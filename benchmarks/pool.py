@@ -19,16 +19,15 @@ processes naming the directory, entries in its run/, mounts under it) as leaked.
    its VM for an exponential time (mean 2 s); misses fall back to a clone.
 
 Progress goes to stderr; a table (or one JSON object with --json) to stdout;
-benchmarks/results/pool.json and pool.png are saved.
+benchmarks/results/pool.json and pool.png (or under --out DIR) are saved.
 
-    python benchmarks/pool.py [--json] [--quick] [--cycles 1000] [--log-dir DIR]
+    python benchmarks/pool.py [--json] [--quick] [--cycles 1000] [--log-dir DIR] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import random
 import re
@@ -51,7 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.lib.host import (  # noqa: E402
     LOW_WATER_MIB, MemoryGuard, MemoryLow, available_mib, check_room, host_end, host_start)
 from benchmarks.lib.leaks import kill_processes, mounts_under, settled_qemu, unmount  # noqa: E402
-from benchmarks.lib.output import RESULTS, progress, save_json, table  # noqa: E402
+from benchmarks.lib.output import (  # noqa: E402
+    add_out_option, fmt, progress, publish, pyplot, save_figure, table, verdict)
 from benchmarks.lib.stats import percentile, stats, summarize  # noqa: E402
 from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
@@ -754,18 +754,6 @@ def evaluate_targets(result: dict[str, Any], p: dict[str, Any]) -> dict[str, Any
 
 # -- output -------------------------------------------------------------------------------
 
-def fmt(v: Any, digits: int = 1) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def verdict(t: dict[str, Any]) -> str:
-    return {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
-
-
 def report(result: dict[str, Any]) -> str:
     out = [f"pool benchmark ({'quick' if result['quick'] else 'full'} run), accel tcg, "
            f"refill_concurrency {result['refill_concurrency']}"]
@@ -856,11 +844,7 @@ def report(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 5))
+    fig, (ax1, ax2, ax3) = pyplot().subplots(1, 3, figsize=(17, 5))
     for key, label, color, dx in (("warm_get_ms", "warm (paused)", "C0", 0.97),
                                   ("hot_get_ms", "hot (running)", "C1", 1.03)):
         items = sorted(((int(c), s) for c, s in result[key].items() if s and "median" in s))
@@ -924,9 +908,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             title=f"Hit ratio (Poisson arrivals, hold ~{sw['hold_mean_s']:g} s)")
     fig.colorbar(im, ax=ax3, label="hit ratio")
     fig.suptitle(f"vmfactory pools (TCG{', quick run' if result['quick'] else ''})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> int:
@@ -938,6 +920,7 @@ def main() -> int:
                    help="get/release cycles in phase 4 (default 1000, --quick 50)")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="copy each phase's daemon log into this directory")
+    add_out_option(p)
     args = p.parse_args()
     if args.cycles is not None and args.cycles < 1:
         p.error("--cycles must be at least 1")
@@ -961,13 +944,8 @@ def main() -> int:
                  f"stopped and its directory removed; no results saved")
         return 130 if isinstance(exc, KeyboardInterrupt) else 128 + signal.SIGTERM
 
-    save_json("pool", result)
-    plot(result, RESULTS / "pool.png")
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "samples_ms"}))
-        return 0
-    print(report(result))
-    print(f"saved {RESULTS / 'pool.json'} and {RESULTS / 'pool.png'}")
+    publish("pool", result, args.out, as_json=args.json, report=report, plot=plot,
+            omit="samples_ms")
     return 0
 
 

@@ -2,9 +2,10 @@
 
 Starts a daemon with N VMs alive (half pooled, half leased), kills it with
 SIGKILL, starts it again and reads how long recovery took (the daemon measures
-it) and how long until it served again.  Prints a table or one JSON object.
+it) and how long until it served again.  Prints a table or one JSON object, and
+saves benchmarks/results/recovery.json (or under --out DIR).
 
-    python benchmarks/recovery.py [-n 20] [--json]
+    python benchmarks/recovery.py [-n 20] [--json] [--out DIR]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lib.leaks import remove_tree  # noqa: E402
-from benchmarks.lib.output import progress, save_json, table  # noqa: E402
+from benchmarks.lib.output import add_out_option, progress, save_json, table  # noqa: E402
 from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
 from vmfactory.server.client import FactoryClient  # noqa: E402
@@ -93,9 +94,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=20, help="pool size (default 20)")
     p.add_argument("--json", action="store_true")
+    add_out_option(p)
     args = p.parse_args()
     result = asyncio.run(run(args.n))
-    save_json("recovery", result)
+    save_json("recovery", result, args.out)
     if args.json:
         print(json.dumps(result))
     else:

@@ -12,16 +12,15 @@ Runs ``echo first`` in a busybox bundle through the runtime client library
 Each source gets one untimed warm-up run.  The bundle's ext4 root image is built
 once before all runs and reported as image_build_ms.  Prints a table (or one
 JSON object with --json; progress goes to stderr) and saves
-benchmarks/results/run.json and run.png.
+benchmarks/results/run.json and run.png (or under --out DIR).
 
-    python benchmarks/run.py [--cold 3] [-n 10] [--json]
+    python benchmarks/run.py [--cold 3] [-n 10] [--json] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -40,7 +39,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.lib.host import other_qemu_count  # noqa: E402
 from benchmarks.lib.leaks import remove_tree  # noqa: E402
-from benchmarks.lib.output import RESULTS, progress, save_json, table  # noqa: E402
+from benchmarks.lib.output import (  # noqa: E402
+    add_out_option, progress, publish, pyplot, save_figure, table)
 from benchmarks.lib.stats import stats  # noqa: E402
 from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
@@ -259,11 +259,7 @@ async def measure(n_cold: int, n: int) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     data = [[r["first_byte_ms"] for r in result["runs"][s]] for s in SOURCES]
     ax1.boxplot(data, whis=(0, 100))
     ax1.set_xticks(range(1, len(SOURCES) + 1), SOURCES)
@@ -286,9 +282,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2.set(xlim=(0, 118), xlabel="% (segment medians, normalised)",
             title="Breakdown; label: median first byte")
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -311,6 +305,7 @@ def main() -> int:
     p.add_argument("--cold", type=int, default=3, help="cold (CreateNew) runs (default 3)")
     p.add_argument("-n", type=int, default=10, help="clone and pool runs each (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_out_option(p)
     args = p.parse_args()
     if args.cold < 1 or args.n < 1:
         p.error("--cold and -n must be at least 1")
@@ -321,13 +316,7 @@ def main() -> int:
     except KeyboardInterrupt:
         progress("run: interrupted (cleaned up)")
         return 130
-    save_json("run", result)
-    plot(result, RESULTS / "run.png")
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-    else:
-        print(report(result))
-        print(f"saved {RESULTS / 'run.json'} and {RESULTS / 'run.png'}")
+    publish("run", result, args.out, as_json=args.json, report=report, plot=plot, omit="runs")
     return 0
 
 

@@ -7,21 +7,20 @@ and USS per VM with N VMs alive at once, direct-booted vs clones (booted one by
 one, measured when the count reaches a checkpoint; every clone goes through the
 get-VM sequence first, as a real handout does).  Then the issue's targets are
 checked.  Prints a table (or one JSON object with --json), and saves
-benchmarks/results/template.json and template.png.
+benchmarks/results/template.json and template.png (or under --out DIR).
 
 Every VM runs under a private run directory in /tmp and the template lives in a
 private directory in /dev/shm; both are removed at the end, and every VM is
 stopped, even on an error or Ctrl-C.
 
     python benchmarks/template.py [--n 5] [--clones 20] [--sizes 1,5,10,20] [--json]
-                                  [--config FILE]
+                                  [--config FILE] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import statistics
 import sys
@@ -34,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lib.host import MemoryLow, check_room, host_end, host_start  # noqa: E402
 from benchmarks.lib.leaks import remove_tree  # noqa: E402
-from benchmarks.lib.output import RESULTS, progress, save_json, table  # noqa: E402
+from benchmarks.lib.output import (  # noqa: E402
+    add_out_option, progress, publish, pyplot, save_figure, table, verdict)
 from benchmarks.lib.stats import stats  # noqa: E402
 
 from vmfactory.config import Config, load_config  # noqa: E402
@@ -311,11 +311,7 @@ async def run(config: Config, n: int, clones: int, sizes: list[int]) -> dict[str
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(12, 4.8))
     runs = result["runs"]
     groups = [("cold boot\nspawn -> agent ready", [r["agent_ready_ms"] for r in runs["cold"]],
                "C0"),
@@ -356,9 +352,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
             title="Host memory per VM vs N")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def fmt_value(t: dict[str, Any]) -> str:
@@ -375,10 +369,6 @@ def fmt_goal(t: dict[str, Any]) -> str:
     if t["unit"] == "fraction":
         return f"{t['op']} {100 * th:.0f}%"
     return f"{t['op']} {th:g} {t['unit']}" if t["unit"] == "ms" else f"{t['op']} {th:g}{t['unit']}"
-
-
-def verdict(t: dict[str, Any]) -> str:
-    return {True: "PASS", False: "FAIL", None: "n/a"}[t["pass"]]
 
 
 def report(result: dict[str, Any]) -> str:
@@ -448,6 +438,7 @@ def main() -> int:
                    help="N VMs alive at once to measure memory at (default 1,5,10,20)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--config", type=Path)
+    add_out_option(p)
     args = p.parse_args()
     if args.n < 1 or args.clones < 1:
         p.error("--n and --clones must be at least 1")
@@ -470,13 +461,8 @@ def main() -> int:
                  f"run and template directories removed; no results saved")
         return 130 if isinstance(interrupted, KeyboardInterrupt) else 128 + signal.SIGTERM
 
-    save_json("template", result)
-    plot(result, RESULTS / "template.png")
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-        return 0
-    print(report(result))
-    print(f"saved {RESULTS / 'template.json'} and {RESULTS / 'template.png'}")
+    publish("template", result, args.out, as_json=args.json, report=report, plot=plot,
+            omit="runs")
     return 0
 
 
