@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,12 +21,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.lib.daemon import stop_daemon  # noqa: E402
 from benchmarks.lib.leaks import remove_tree  # noqa: E402
 from benchmarks.lib.output import add_out_option, progress, save_json, table  # noqa: E402
-from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
 from vmfactory.server.client import FactoryClient  # noqa: E402
 from vmfactory.config import scratch_config  # noqa: E402
+from vmfactory.util.spawn import spawn_daemon  # noqa: E402
+
+DAEMON_STOP_S = 120.0
 
 
 def _config(root: Path, n: int) -> Path:
@@ -82,9 +84,7 @@ async def run(n: int) -> dict[str, object]:
         progress(f"recovery: {status.recovered} VMs re-adopted in {status.recovery_s:.2f} s")
         return result
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+        stop_daemon(proc, DAEMON_STOP_S)
         leaked = remove_tree(root)
         if leaked:
             progress(f"recovery: killed leftover QEMU processes under {root}: {leaked}")

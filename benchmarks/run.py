@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,12 +36,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.lib.daemon import stop_daemon  # noqa: E402
 from benchmarks.lib.host import other_qemu_count  # noqa: E402
 from benchmarks.lib.leaks import remove_tree  # noqa: E402
 from benchmarks.lib.output import (  # noqa: E402
     add_out_option, progress, publish, pyplot, save_figure, table)
 from benchmarks.lib.stats import stats  # noqa: E402
-from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
 from runtime_client.bundles import Bundle, ImageCache, load_bundle  # noqa: E402
 from vmfactory.server.client import FactoryClient  # noqa: E402
@@ -50,6 +49,7 @@ from runtime_client.sandbox import Runtime  # noqa: E402
 from runtime_client.bundles.busybox import make_busybox_bundle  # noqa: E402
 from vmfactory.config import Config, load_config, scratch_config  # noqa: E402
 from vmfactory.guest.image import GuestImage, ImageBuilder  # noqa: E402
+from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
 ARGS = ["echo", "first"]
 SOURCES = ("cold", "clone", "pool")
@@ -57,6 +57,7 @@ VM_SOURCE = {"cold": "boot", "clone": "clone", "pool": "pool"}  # SandboxVm.sour
 TARGET_POOL_MEDIAN_MS = 250
 POOL_MIN = 2
 DAEMON_START_S = 60
+DAEMON_STOP_S = 120
 POOL_FILL_S = 600
 # Segments that add up to the first-byte time (stacked in the plot).
 SEGMENTS = ("get_vm", "sandbox_record", "disk_attach", "connect_and_create",
@@ -96,18 +97,12 @@ def daemon(root: Path, config: Path, label: str) -> Iterator[subprocess.Popen[by
         progress(f"run: {label} daemon pid {proc.pid} serving")
         yield proc
     finally:
-        stop_daemon(proc, label)
+        stop(proc, label)
 
 
-def stop_daemon(proc: subprocess.Popen[bytes], label: str) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            progress(f"run: {label} daemon ignored SIGTERM for 120 s: killed")
-            proc.kill()
-            proc.wait()
+def stop(proc: subprocess.Popen[bytes], label: str) -> None:
+    if stop_daemon(proc, DAEMON_STOP_S) is None:
+        progress(f"run: {label} daemon ignored SIGTERM for {DAEMON_STOP_S} s: killed")
     progress(f"run: {label} daemon exited ({proc.returncode})")
 
 
