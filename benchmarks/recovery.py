@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lib.daemon import stop_daemon  # noqa: E402
-from benchmarks.lib.leaks import remove_tree  # noqa: E402
+from benchmarks.lib.leaks import adopt_orphans, reap_orphans, remove_tree  # noqa: E402
 from benchmarks.lib.output import add_out_option, progress, save_json, table  # noqa: E402
 
 from vmfactory.server.client import FactoryClient  # noqa: E402
@@ -58,6 +58,7 @@ async def _wait_ready(sock: str, n: int, timeout: float = 600) -> object:
 
 
 async def run(n: int) -> dict[str, object]:
+    adopt_orphans()  # the killed daemon's VMs: reaped by us, not left as zombies
     root = Path(tempfile.mkdtemp(prefix="vmfr-", dir="/tmp"))
     pool = n - n // 2
     config = _config(root, pool)
@@ -88,6 +89,7 @@ async def run(n: int) -> dict[str, object]:
         leaked = remove_tree(root)
         if leaked:
             progress(f"recovery: killed leftover QEMU processes under {root}: {leaked}")
+        reap_orphans()
 
 
 def main() -> int:

@@ -4,6 +4,7 @@ mounts), and removing it.  The one scan for QEMU processes is the product's
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from vmfactory.hypervisor.proc import processes_under
 SETTLE_TRIES = 10
 SETTLE_PAUSE_S = 0.2
 KILL_WAIT_S = 5.0
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def settled_qemu(root: Path) -> list[psutil.Process]:
@@ -70,3 +72,27 @@ def remove_tree(root: Path) -> list[int]:
     unmount(mounts_under(root))
     shutil.rmtree(root, ignore_errors=True)
     return killed
+
+
+def adopt_orphans() -> None:
+    """Make this process a child subreaper: processes orphaned below it (the QEMU
+    processes of a daemon killed with SIGKILL) become its children, for
+    reap_orphans(), instead of zombies left to PID 1 after the run."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def reap_orphans() -> list[int]:
+    """Reap every child that has exited (once the children this process started
+    were waited for); their pids."""
+    reaped = []
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            break
+        reaped.append(pid)
+    return reaped
