@@ -3,28 +3,29 @@
 For each VM: QEMU start (spawn -> QMP), spawn -> agent ready, the guest's own
 milestones, and host memory (RSS, PSS, USS) right after the agent answered.
 Prints a table (or one JSON object with --json), and saves
-benchmarks/results/boot.json and boot.png.
+benchmarks/results/boot.json and boot.png (or under --out DIR).
 
-    python benchmarks/boot.py [-n 5] [--json] [--config FILE]
+    python benchmarks/boot.py [-n 5] [--json] [--config FILE] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import RESULTS, progress, save_json, stats, table  # noqa: E402
+from benchmarks.lib.output import (  # noqa: E402
+    add_out_option, progress, publish, pyplot, save_figure, table)
+from benchmarks.lib.stats import stats  # noqa: E402
 
 from vmfactory.config import Config, load_config  # noqa: E402
 from vmfactory.factory.direct import DirectFactory  # noqa: E402
 from vmfactory.factory.spec import image_paths  # noqa: E402
-from vmfactory.hypervisor.qemu import QemuHypervisor  # noqa: E402
+from vmfactory.app import make_hypervisor  # noqa: E402
 
 
 async def boot_one(factory: DirectFactory) -> dict[str, float]:
@@ -40,7 +41,7 @@ async def boot_one(factory: DirectFactory) -> dict[str, float]:
 async def run(config: Config, n: int) -> dict[str, Any]:
     progress("boot: preparing the guest image")
     await image_paths(config, quiet=False)
-    factory = DirectFactory(config, QemuHypervisor(config.paths.run_dir, config.timeouts))
+    factory = DirectFactory(config, make_hypervisor(config))
     runs = []
     for i in range(n):
         r = await boot_one(factory)
@@ -63,10 +64,7 @@ async def run(config: Config, n: int) -> dict[str, Any]:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     runs = result["runs"]
     xs = range(1, len(runs) + 1)
     qemu = [r["qemu_start_ms"] / 1000 for r in runs]
@@ -80,26 +78,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax2.plot(xs, [r[key] for r in runs], marker="o", label=label)
     ax2.set(xlabel="boot #", ylabel="MiB", title="Host memory per VM after boot", ylim=(0, None))
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("-n", type=int, default=5, help="VMs to boot (default 5)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--config", type=Path)
-    args = p.parse_args()
-    if args.n < 1:
-        p.error("-n must be at least 1")
-    config = load_config(args.config)
-    result = asyncio.run(run(config, args.n))
-    save_json("boot", result)
-    plot(result, RESULTS / "boot.png")
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-        return 0
+def report(result: dict[str, Any]) -> str:
     rows = [[name, *(result[key][s] for s in ("median", "min", "max"))]
             for name, key in (("spawn -> agent ready (ms)", "cold_boot_ms"),
                               ("QEMU start (ms)", "qemu_start_ms"),
@@ -107,9 +89,22 @@ def main() -> int:
                               ("guest uptime at agent ready (s)", "guest_agent_ready_s"),
                               ("RSS (MiB)", "rss_mib"), ("PSS (MiB)", "pss_mib"),
                               ("USS (MiB)", "uss_mib"))]
-    print(f"cold boot, {args.n} VMs, accel {result['accel']}")
-    print(table(["metric", "median", "min", "max"], rows))
-    print(f"saved {RESULTS / 'boot.json'} and {RESULTS / 'boot.png'}")
+    return (f"cold boot, {result['n']} VMs, accel {result['accel']}\n"
+            + table(["metric", "median", "min", "max"], rows))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=5, help="VMs to boot (default 5)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--config", type=Path)
+    add_out_option(p)
+    args = p.parse_args()
+    if args.n < 1:
+        p.error("-n must be at least 1")
+    config = load_config(args.config)
+    result = asyncio.run(run(config, args.n))
+    publish("boot", result, args.out, as_json=args.json, report=report, plot=plot, omit="runs")
     return 0
 
 

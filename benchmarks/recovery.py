@@ -2,9 +2,10 @@
 
 Starts a daemon with N VMs alive (half pooled, half leased), kills it with
 SIGKILL, starts it again and reads how long recovery took (the daemon measures
-it) and how long until it served again.  Prints a table or one JSON object.
+it) and how long until it served again.  Prints a table or one JSON object, and
+saves benchmarks/results/recovery.json (or under --out DIR).
 
-    python benchmarks/recovery.py [-n 20] [--json]
+    python benchmarks/recovery.py [-n 20] [--json] [--out DIR]
 """
 
 from __future__ import annotations
@@ -12,20 +13,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import progress, save_json, spawn_daemon, table  # noqa: E402
+from benchmarks.lib.daemon import stop_daemon  # noqa: E402
+from benchmarks.lib.leaks import adopt_orphans, reap_orphans, remove_tree  # noqa: E402
+from benchmarks.lib.output import add_out_option, progress, save_json, table  # noqa: E402
 
 from vmfactory.server.client import FactoryClient  # noqa: E402
 from vmfactory.config import scratch_config  # noqa: E402
+from vmfactory.util.spawn import spawn_daemon  # noqa: E402
+
+DAEMON_STOP_S = 120.0
 
 
 def _config(root: Path, n: int) -> Path:
@@ -54,6 +58,7 @@ async def _wait_ready(sock: str, n: int, timeout: float = 600) -> object:
 
 
 async def run(n: int) -> dict[str, object]:
+    adopt_orphans()  # the killed daemon's VMs: reaped by us, not left as zombies
     root = Path(tempfile.mkdtemp(prefix="vmfr-", dir="/tmp"))
     pool = n - n // 2
     config = _config(root, pool)
@@ -80,19 +85,21 @@ async def run(n: int) -> dict[str, object]:
         progress(f"recovery: {status.recovered} VMs re-adopted in {status.recovery_s:.2f} s")
         return result
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
-        shutil.rmtree(root, ignore_errors=True)
+        stop_daemon(proc, DAEMON_STOP_S)
+        leaked = remove_tree(root)
+        if leaked:
+            progress(f"recovery: killed leftover QEMU processes under {root}: {leaked}")
+        reap_orphans()
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=20, help="pool size (default 20)")
     p.add_argument("--json", action="store_true")
+    add_out_option(p)
     args = p.parse_args()
     result = asyncio.run(run(args.n))
-    save_json("recovery", result)
+    save_json("recovery", result, args.out)
     if args.json:
         print(json.dumps(result))
     else:

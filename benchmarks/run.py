@@ -12,20 +12,17 @@ Runs ``echo first`` in a busybox bundle through the runtime client library
 Each source gets one untimed warm-up run.  The bundle's ext4 root image is built
 once before all runs and reported as image_build_ms.  Prints a table (or one
 JSON object with --json; progress goes to stderr) and saves
-benchmarks/results/run.json and run.png.
+benchmarks/results/run.json and run.png (or under --out DIR).
 
-    python benchmarks/run.py [--cold 3] [-n 10] [--json]
+    python benchmarks/run.py [--cold 3] [-n 10] [--json] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -37,11 +34,14 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
-import psutil  # noqa: E402
-from common import RESULTS, progress, save_json, spawn_daemon, stats, table  # noqa: E402
+from benchmarks.lib.daemon import stop_daemon  # noqa: E402
+from benchmarks.lib.host import other_qemu_count  # noqa: E402
+from benchmarks.lib.leaks import remove_tree  # noqa: E402
+from benchmarks.lib.output import (  # noqa: E402
+    add_out_option, progress, publish, pyplot, save_figure, table)
+from benchmarks.lib.stats import stats  # noqa: E402
 
 from runtime_client.bundles import Bundle, ImageCache, load_bundle  # noqa: E402
 from vmfactory.server.client import FactoryClient  # noqa: E402
@@ -49,6 +49,7 @@ from runtime_client.sandbox import Runtime  # noqa: E402
 from runtime_client.bundles.busybox import make_busybox_bundle  # noqa: E402
 from vmfactory.config import Config, load_config, scratch_config  # noqa: E402
 from vmfactory.guest.image import GuestImage, ImageBuilder  # noqa: E402
+from vmfactory.util.spawn import spawn_daemon  # noqa: E402
 
 ARGS = ["echo", "first"]
 SOURCES = ("cold", "clone", "pool")
@@ -56,6 +57,7 @@ VM_SOURCE = {"cold": "boot", "clone": "clone", "pool": "pool"}  # SandboxVm.sour
 TARGET_POOL_MEDIAN_MS = 250
 POOL_MIN = 2
 DAEMON_START_S = 60
+DAEMON_STOP_S = 120
 POOL_FILL_S = 600
 # Segments that add up to the first-byte time (stacked in the plot).
 SEGMENTS = ("get_vm", "sandbox_record", "disk_attach", "connect_and_create",
@@ -90,23 +92,17 @@ def write_config(root: Path, phase: str, guest: GuestImage) -> Path:
 def daemon(root: Path, config: Path, label: str) -> Iterator[subprocess.Popen[bytes]]:
     """A daemon process serving ``config``; SIGTERM'd and awaited on exit."""
     proc = spawn_daemon(config, root / "factory.sock", root / f"daemon-{label}.log",
-                        DAEMON_START_S)
+                        timeout=DAEMON_START_S)
     try:
         progress(f"run: {label} daemon pid {proc.pid} serving")
         yield proc
     finally:
-        stop_daemon(proc, label)
+        stop(proc, label)
 
 
-def stop_daemon(proc: subprocess.Popen[bytes], label: str) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            progress(f"run: {label} daemon ignored SIGTERM for 120 s: killed")
-            proc.kill()
-            proc.wait()
+def stop(proc: subprocess.Popen[bytes], label: str) -> None:
+    if stop_daemon(proc, DAEMON_STOP_S) is None:
+        progress(f"run: {label} daemon ignored SIGTERM for {DAEMON_STOP_S} s: killed")
     progress(f"run: {label} daemon exited ({proc.returncode})")
 
 
@@ -205,28 +201,6 @@ async def run_phase(config: Config, source: str, n: int, bundle: Bundle,
         await rt.close()
 
 
-def other_qemu_count(root: Path) -> int:
-    """QEMU processes not ours: they share the CPUs with this benchmark."""
-    return len([p for p in psutil.process_iter(["cmdline"])
-                if "qemu-system" in " ".join(p.info["cmdline"] or [])
-                and str(root) not in " ".join(p.info["cmdline"] or [])])
-
-
-def reap_qemu(root: Path) -> list[int]:
-    """Kill QEMU processes whose command line mentions ``root``; return their pids."""
-    leaked = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "qemu-system" in cmd and str(root) in cmd:
-            leaked.append(proc.info["pid"])
-            try:
-                proc.kill()
-                proc.wait(10)
-            except psutil.Error:
-                pass
-    return leaked
-
-
 async def phases(root: Path, n_cold: int, n: int) -> dict[str, Any]:
     guest = await asyncio.to_thread(ImageBuilder(load_config().paths.state_dir, quiet=True).ensure)
     paths = {s: write_config(root, s, guest) for s in SOURCES}
@@ -271,21 +245,16 @@ async def measure(n_cold: int, n: int) -> dict[str, Any]:
     try:
         result = await phases(root, n_cold, n)
     finally:
-        leaked = reap_qemu(root)
+        leaked = remove_tree(root)
         if leaked:
             progress(f"run: killed leftover QEMU processes under {root}: {leaked}")
-        shutil.rmtree(root, ignore_errors=True)
     result["other_qemu"] = {"start": others, "end": other_qemu_count(root)}
     result["leaked_qemu"] = leaked
     return result
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(12, 4.5))
     data = [[r["first_byte_ms"] for r in result["runs"][s]] for s in SOURCES]
     ax1.boxplot(data, whis=(0, 100))
     ax1.set_xticks(range(1, len(SOURCES) + 1), SOURCES)
@@ -308,9 +277,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax2.set(xlim=(0, 118), xlabel="% (segment medians, normalised)",
             title="Breakdown; label: median first byte")
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -333,6 +300,7 @@ def main() -> int:
     p.add_argument("--cold", type=int, default=3, help="cold (CreateNew) runs (default 3)")
     p.add_argument("-n", type=int, default=10, help="clone and pool runs each (default 10)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    add_out_option(p)
     args = p.parse_args()
     if args.cold < 1 or args.n < 1:
         p.error("--cold and -n must be at least 1")
@@ -343,13 +311,7 @@ def main() -> int:
     except KeyboardInterrupt:
         progress("run: interrupted (cleaned up)")
         return 130
-    save_json("run", result)
-    plot(result, RESULTS / "run.png")
-    if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-    else:
-        print(report(result))
-        print(f"saved {RESULTS / 'run.json'} and {RESULTS / 'run.png'}")
+    publish("run", result, args.out, as_json=args.json, report=report, plot=plot, omit="runs")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""The benchmarks (run as ``python benchmarks/NAME.py``) and their shared library."""
