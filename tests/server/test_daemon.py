@@ -81,7 +81,8 @@ async def test_killed_pooled_vm_is_replaced_not_handed_out(daemon: DaemonProc) -
 async def test_empty_pool_honours_the_deadline(daemon: DaemonProc) -> None:
     async with FactoryClient(str(daemon.socket)) as client:
         start = time.monotonic()
-        with pytest.raises(PoolEmpty, match="DEADLINE_EXCEEDED"):
+        # The same class whether the daemon's answer or the call's own deadline came first.
+        with pytest.raises(PoolEmpty, match="DEADLINE_EXCEEDED|no ready VM before the deadline"):
             await client.get_vm(cpus=2, timeout=0.5)
         assert 0.4 < time.monotonic() - start < 2.0
         empty = {p.name: p for p in (await client.status()).pools}["empty"]
