@@ -8,10 +8,11 @@ import time
 from pathlib import Path
 
 from tests.daemon.conftest import standin_config, standin_hypervisor, standins, started, until
+from vmfactory.config import Config
 from vmfactory.daemon.core import Daemon, VmRequest
 from vmfactory.daemon.leases import VmSource
 from vmfactory.daemon.records import Role
-from vmfactory.hypervisor.base import VmState
+from vmfactory.hypervisor.base import Vm, VmSpec, VmState
 
 
 async def crash(daemon: Daemon) -> None:
@@ -28,6 +29,19 @@ async def crash(daemon: Daemon) -> None:
     daemon.store.close()
 
 
+async def leftovers(config: Config, first: Daemon, spec: VmSpec) -> tuple[Vm, Vm]:
+    """A VM process no record accounts for (made between a spawn and its record),
+    and a record whose VM is gone."""
+    stray = standin_hypervisor(config).create_vm(spec)
+    await stray.start()
+    gone = standin_hypervisor(config).create_vm(spec)
+    await gone.start()
+    first.records.save(gone, Role.POOLED, "p")
+    gone.stop_callbacks.clear()  # it "dies" with its record left behind
+    await gone.stop()
+    return stray, gone
+
+
 async def test_a_restarted_daemon_takes_back_pooled_and_leased_vms(root: Path) -> None:
     config = standin_config(root)
     first = await started(config)
@@ -36,31 +50,21 @@ async def test_a_restarted_daemon_takes_back_pooled_and_leased_vms(root: Path) -
     lease = await first.get_vm(VmRequest(client="c", lease_ttl_s=600), time.monotonic() + 10)
     await until(lambda: len(pool.ready) == 2 and pool.refilling == 0)
     pooled = {vm.id: vm.pid for vm in pool.ready}
-    # A VM process no record accounts for (made between a spawn and its record).
-    stray = standin_hypervisor(config).create_vm(lease.vm.spec)
-    await stray.start()
-    # A record whose VM is gone.
-    gone = standin_hypervisor(config).create_vm(lease.vm.spec)
-    await gone.start()
-    first.records.save(gone, Role.POOLED, "p")
-    gone.stop_callbacks.clear()  # it "dies" with its record left behind
-    await gone.stop()
+    stray, gone = await leftovers(config, first, lease.vm.spec)
     await crash(first)
 
     second = await started(config)
     try:
         report = second.recovery
-        assert sorted(report.pooled) == sorted(pooled)
-        assert report.leased == [lease.vm.id]
-        assert gone.id in report.dropped
+        assert sorted(report.pooled) == sorted(pooled) and report.leased == [lease.vm.id]
+        assert gone.id in report.dropped and not second.store.list("vms/" + gone.id)
         assert report.reaped_pids  # the stray: no record knew it
         await until(lambda: stray.pid is None, what="the stray VM reaped")
         again = second.leases.get(lease.id)
-        assert again.vm.pid == lease.vm.pid and again.source is VmSource.POOL
-        assert again.client == "c" and again.ttl_s == 600
+        assert (again.vm.pid, again.source, again.client, again.ttl_s) == (
+            lease.vm.pid, VmSource.POOL, "c", 600)
         assert {vm.id: vm.pid for vm in second.pools["p"].ready} == pooled
         assert all(vm.state is VmState.PAUSED for vm in second.pools["p"].ready)
-        assert not second.store.list("vms/" + gone.id)
         # Taken back for real: handed out and answering.
         served = await second.get_vm(VmRequest(), time.monotonic() + 10)
         assert served.vm.id in pooled and served.vm.alive
