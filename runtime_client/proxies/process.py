@@ -157,7 +157,7 @@ def _last_line(stream: IO[bytes], offset: int) -> str:
 
 def stop_proxy(pid: int, listen: Path, timeout: float = 5.0) -> None:
     """SIGTERM, wait (psutil), SIGKILL if needed; only if the pid's cmdline contains
-    'runtime_client.proxy' and the listen path (never kill a recycled pid); remove the
+    'runtime_client.proxies' and the listen path (never kill a recycled pid); remove the
     socket file. Idempotent.
 
     A socket file still served by another process is left alone.
@@ -274,7 +274,7 @@ def _report_ready(fd: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m runtime_client.proxy --upstream unix:PATH --listen PATH [--ready-fd N]``."""
+    """``python -m runtime_client.proxies --upstream unix:PATH --listen PATH [--ready-fd N]``."""
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s proxy[%(process)d] %(levelname)s %(message)s")

@@ -28,7 +28,7 @@ _SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class StandaloneShim(Shim):
-    """``katashim``: a ``python -m runtime_client.shim`` process per container
+    """``katashim``: a ``python -m runtime_client.shims`` process per container
     process, with the given fds as its stdio; this client forwards the signals
     it receives to that process."""
 

@@ -154,14 +154,13 @@ class Pool(Lifecycle[PoolState]):
         return waiter.result()  # an exception here means the pool closed
 
     def _withdraw(self, waiter: asyncio.Future[Vm]) -> None:
-        if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-            self.ready.appendleft(waiter.result())  # served as we gave up: keep the VM
-            return
-        waiter.cancel()
-        try:
+        """A request stops waiting: unserved, it leaves the queue; served as it gave
+        up, its VM goes back to the front of the pool."""
+        if not waiter.done():
+            waiter.cancel()
             self._waiters.remove(waiter)
-        except ValueError:
-            pass
+        elif not waiter.cancelled() and waiter.exception() is None:
+            self.ready.appendleft(waiter.result())
 
     async def _activate(self, vm: Vm) -> None:
         if vm.pid is None:
