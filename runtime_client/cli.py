@@ -24,7 +24,7 @@ from runtime_client.bundles import find_executable, load_bundle
 from runtime_client.errors import ExecutableNotFound
 from runtime_client.sandbox import Runtime
 from vmfactory.config import Config, load_config
-from vmfactory.errors import ConfigError, InvalidRequest, VmFactoryError
+from vmfactory.errors import ConfigError, InvalidRequest, VmFactoryError, quote
 from vmfactory.guest.agent.errors import CannotExecute
 from vmfactory.util.tasks import finish
 
@@ -84,9 +84,9 @@ def parse_signal(value: str) -> int:
         try:
             number = signal.Signals[name if name.startswith("SIG") else "SIG" + name].value
         except KeyError:
-            raise InvalidRequest(f"unknown signal {value!r}") from None
+            raise InvalidRequest(f"unknown signal {quote(value)}") from None
     if not 0 < number < signal.NSIG:
-        raise InvalidRequest(f"signal {value!r} is out of range")
+        raise InvalidRequest(f"signal {quote(value)} is out of range")
     return number
 
 
@@ -110,7 +110,7 @@ async def cmd_run(rt: Runtime, args: argparse.Namespace) -> int:
     cmd = _command(args)
     program = (cmd or list(bundle.process.args))[0]
     if find_executable(bundle, program) is None:
-        raise ExecutableNotFound(f"executable {program!r} not found in {bundle.rootfs}")
+        raise ExecutableNotFound(f"executable {quote(program)} not found in {bundle.rootfs}")
     name = args.name or "c" + secrets.token_hex(5)
     own = args.sandbox is None
     sandbox = await (rt.create_sandbox(name) if own else rt.open_sandbox(args.sandbox))
@@ -227,7 +227,22 @@ def exit_code_for(exc: VmFactoryError) -> int:
     return EXIT_ERROR
 
 
+def _undecodable(argv: list[str]) -> str | None:
+    """The first argument that is not valid UTF-8 (it reaches the guest as a
+    protobuf string, which must be), as a message; None if all are."""
+    for i, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"argument {i} is not valid UTF-8: {quote(arg)}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if (problem := _undecodable(argv)) is not None:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        return EXIT_ERROR
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(message)s")

@@ -23,7 +23,7 @@ from runtime_client.records import ClientRecords, check_name
 from runtime_client.shims import Shim
 from runtime_client.vm import SandboxVm
 from vmfactory.agent.client import AgentClient, ProcessRequest
-from vmfactory.errors import VmFactoryError
+from vmfactory.errors import VmFactoryError, quote
 from vmfactory.guest.agent.errors import ExecFailed, NoSuchContainer
 from vmfactory.util.states import Lifecycle, require
 from vmfactory.util.tasks import finish
@@ -81,7 +81,7 @@ class Container(Lifecycle[ContainerState]):
         if terminal is not None:
             spec = spec.with_terminal(terminal)
         if find_executable(bundle, spec.args[0]) is None:
-            raise ExecutableNotFound(f"executable {spec.args[0]!r} not found in the bundle's "
+            raise ExecutableNotFound(f"executable {quote(spec.args[0])} not found in the bundle's "
                                      f"root {bundle.rootfs}")
         process = ProcessRequest(
             args=spec.args, env=spec.env, cwd=spec.cwd, uid=spec.user.uid, gid=spec.user.gid,

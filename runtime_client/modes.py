@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 from runtime_client.errors import ClientError
+from vmfactory.errors import quote
 
 logger = logging.getLogger(__name__)
 
@@ -18,5 +19,5 @@ def canonical_mode(kind: str, name: str, valid: Sequence[str],
         logger.warning("%s %r is deprecated; using %r", kind, name, aliases[name])
         return aliases[name]
     if name not in valid:
-        raise ClientError(f"unknown {kind} {name!r}; valid: {', '.join((*valid, *aliases))}")
+        raise ClientError(f"unknown {kind} {quote(name)}; valid: {', '.join((*valid, *aliases))}")
     return name

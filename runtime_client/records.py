@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from vmfactory.errors import InvalidRequest, NotFound
+from vmfactory.errors import InvalidRequest, NotFound, quote
 from vmfactory.store import Store
 from vmfactory.store.errors import CorruptRecord, RecordFormatError
 
@@ -15,7 +15,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 def check_name(kind: str, name: str) -> str:
     if not NAME_RE.match(name):
-        raise InvalidRequest(f"{kind} name {name!r} must match {NAME_RE.pattern}")
+        raise InvalidRequest(f"{kind} name {quote(name)} must match {NAME_RE.pattern}")
     return name
 
 
@@ -48,7 +48,7 @@ class ClientRecords:
     def sandbox(self, sandbox_id: str) -> dict[str, Any]:
         record = self._load(f"sandboxes/{check_name('sandbox', sandbox_id)}")
         if record is None:
-            raise NotFound(f"no sandbox {sandbox_id!r}")
+            raise NotFound(f"no sandbox {quote(sandbox_id)}")
         return record
 
     def has_sandbox(self, sandbox_id: str) -> bool:
@@ -66,7 +66,7 @@ class ClientRecords:
     def container(self, name: str) -> dict[str, Any]:
         record = self._load(f"containers/{check_name('container', name)}")
         if record is None:
-            raise NotFound(f"no container {name!r}")
+            raise NotFound(f"no container {quote(name)}")
         return record
 
     def has_container(self, name: str) -> bool:

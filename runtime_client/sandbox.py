@@ -23,10 +23,11 @@ from runtime_client.errors import SandboxError
 from runtime_client.proxies import Proxy, canonical_proxy, make_proxy
 from runtime_client.records import ClientRecords, check_name
 from runtime_client.shims import Shim, canonical_shim, make_shim
-from runtime_client.vm import SandboxVm, obtain_vm, reap_owned, reattach_vm
+from runtime_client.keeper import Renewal, keeper_alive, spawn_keeper, stop_keeper
+from runtime_client.vm import LeasedVm, SandboxVm, obtain_vm, reap_owned, reattach_vm
 from vmfactory.agent.client import AgentClient
 from vmfactory.config import Config
-from vmfactory.errors import NotFound, VmFactoryError
+from vmfactory.errors import NotFound, VmFactoryError, quote
 from vmfactory.server.client import FactoryClient
 from vmfactory.store import open_store
 from vmfactory.util.states import Lifecycle, require
@@ -46,12 +47,14 @@ class Sandbox(Lifecycle[SandboxState]):
     """One VM and the containers in it; made by :class:`Runtime`."""
 
     def __init__(self, runtime: Runtime, sandbox_id: str, proxy: Proxy,
-                 vm: SandboxVm | None, vm_record: dict[str, Any]) -> None:
+                 vm: SandboxVm | None, vm_record: dict[str, Any], keeper: int = 0) -> None:
         self.runtime = runtime
         self.id = sandbox_id
         self.proxy = proxy
         self.vm = vm
         self.vm_record = vm_record
+        self.keeper = keeper  # the pid of the process renewing the lease, once we let go
+        self._renewal: Renewal | None = None
         self.conn: AgentClient | None = None
         self._connect_lock = asyncio.Lock()
         self.created = time.time()
@@ -78,7 +81,30 @@ class Sandbox(Lifecycle[SandboxState]):
         vm = self.vm.record() if self.vm is not None else self.vm_record
         return {"id": self.id, "state": self.state.value, "created": self.created,
                 "owner_pid": os.getpid(), "vm": vm, "proxy": self.proxy.record(),
-                "shim": self.shim.name}
+                "shim": self.shim.name, "keeper": self.keeper}
+
+    def hold(self) -> None:
+        """Renew the lease from this process while it uses the sandbox."""
+        if isinstance(self.vm, LeasedVm) and self._renewal is None:
+            self._renewal = Renewal(self.vm)
+            self._renewal.start()
+
+    async def let_go(self) -> None:
+        """This process is done with the sandbox: if the sandbox lives on (a detached
+        container), a keeper process renews its lease from now on."""
+        if self._renewal is not None:
+            renewal, self._renewal = self._renewal, None
+            await renewal.stop()
+        if self.state is not SandboxState.READY or self.vm_record.get("kind") != "leased":
+            return
+        if self.keeper and keeper_alive(self.keeper, self.id):
+            return
+        vm = await self.machine()
+        assert isinstance(vm, LeasedVm)
+        config = self.runtime.config
+        self.keeper = await spawn_keeper(self.id, vm, config.daemon.socket, config.runtime.store,
+                                         self.directory / "keeper.log")
+        self.save()
 
     def save(self) -> None:
         self.runtime.records.save_sandbox(self.record())
@@ -120,7 +146,7 @@ class Sandbox(Lifecycle[SandboxState]):
         """Hot-plug the bundle's root and create (not start) its first process."""
         check_name("container", name)
         if self.runtime.records.has_container(name):
-            raise SandboxError(f"a container named {name!r} exists")
+            raise SandboxError(f"a container named {quote(name)} exists")
         # The agent connection (a new session through the VM's port) opens while
         # the root image is found or built and hot-plugged.
         connecting = asyncio.ensure_future(self.connect())
@@ -137,7 +163,7 @@ class Sandbox(Lifecycle[SandboxState]):
     async def container(self, name: str) -> Container:
         record = self.runtime.records.container(name)
         if record["sandbox"] != self.id:
-            raise NotFound(f"container {name!r} is not in sandbox {self.id}")
+            raise NotFound(f"container {quote(name)} is not in sandbox {self.id}")
         return Container.from_record(self.host, record)
 
     def containers(self) -> list[dict[str, Any]]:
@@ -154,9 +180,18 @@ class Sandbox(Lifecycle[SandboxState]):
         finally:
             await finish(self._release())
 
+    async def _stop_keeping(self) -> None:
+        if self._renewal is not None:
+            renewal, self._renewal = self._renewal, None
+            await renewal.stop()
+        if self.keeper:
+            keeper, self.keeper = self.keeper, 0
+            await asyncio.to_thread(stop_keeper, keeper, self.id)
+
     async def _release(self) -> None:
         """The agent connection, the proxy and the VM, each even if one fails."""
         teardown = Teardown(f"sandbox {self.id}")
+        await teardown.step("stop renewing the lease", self._stop_keeping())
         await teardown.step("disconnect", self.disconnect())
         await teardown.step("stop the proxy", self.proxy.stop())
         await teardown.step("stop the VM", self._stop_vm())
@@ -215,17 +250,19 @@ class Runtime:
                                f"clients (kataProxy or kataProxyBuiltin), not {self.proxy_mode}")
         self.records = ClientRecords(open_store(config.runtime.store))
         self.factory = FactoryClient(str(config.daemon.socket))
-        self.images = ImageCache(config.paths.state_dir / "bundle-images")
+        image_root = Path(config.runtime.image_dir or config.paths.state_dir / "bundle-images")
+        self.images = ImageCache(image_root / str(os.getuid()))
         self._open: dict[str, Sandbox] = {}
 
     def sandbox_dir(self, sandbox_id: str) -> Path:
-        return self.config.paths.run_dir / "sandboxes" / sandbox_id
+        root = self.config.runtime.run_dir or self.config.paths.run_dir / "sandboxes"
+        return Path(root) / sandbox_id
 
     async def create_sandbox(self, sandbox_id: str | None = None) -> Sandbox:
         """A sandbox on a VM from the daemon (CreateNew here if none answers)."""
         sandbox_id = check_name("sandbox", sandbox_id or secrets.token_hex(6))
         if self.records.has_sandbox(sandbox_id):
-            raise SandboxError(f"a sandbox named {sandbox_id!r} exists")
+            raise SandboxError(f"a sandbox named {quote(sandbox_id)} exists")
         t0 = time.monotonic()
         vm = await obtain_vm(self.config, self.factory, f"runtime:{os.getpid()}")
         directory = self.sandbox_dir(sandbox_id)
@@ -240,6 +277,7 @@ class Runtime:
             raise
         sandbox._set_state(SandboxState.READY)
         sandbox.save()
+        sandbox.hold()
         self._open[sandbox_id] = sandbox
         logger.info("sandbox %s ready on vm %s (%s) in %.0f ms", sandbox_id, vm.vm_id, vm.source,
                     sandbox.timings["get_vm_ms"])
@@ -253,7 +291,7 @@ class Runtime:
         vm_record = record["vm"]
         proxy = make_proxy(record["proxy"]["mode"], Path(vm_record["agent_socket"]),
                            self.sandbox_dir(sandbox_id), record["proxy"])
-        sandbox = Sandbox(self, sandbox_id, proxy, None, vm_record)
+        sandbox = Sandbox(self, sandbox_id, proxy, None, vm_record, int(record.get("keeper", 0)))
         sandbox._set_state(SandboxState(record["state"]))
         sandbox.created = record.get("created", sandbox.created)
         self._open[sandbox_id] = sandbox
@@ -268,13 +306,18 @@ class Runtime:
         return self.records.sandboxes()
 
     async def close(self) -> None:
-        """Disconnect from every sandbox (they keep running) and close the store."""
+        """Disconnect from every sandbox (they keep running, their leases kept by a
+        keeper process) and close the store; every step even if one fails."""
+        teardown = Teardown("runtime client")
         for sandbox in list(self._open.values()):
-            await sandbox.disconnect()
+            await teardown.step(f"sandbox {sandbox.id}: disconnect", sandbox.disconnect())
+            await teardown.step(f"sandbox {sandbox.id}: hand the lease over", sandbox.let_go())
         self._open.clear()
-        self.images.prune(self.config.runtime.image_cache_keep)
-        await self.factory.close()
-        self.records.store.close()
+        teardown.sync_step("prune images", lambda: self.images.prune(
+            self.config.runtime.image_cache_keep))
+        await teardown.step("factory client", self.factory.close())
+        teardown.sync_step("store", self.records.store.close)
+        teardown.done()
 
     async def __aenter__(self) -> Runtime:
         return self

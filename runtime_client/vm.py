@@ -61,16 +61,24 @@ class LeasedVm(SandboxVm):
 
     kind = "leased"
 
-    def __init__(self, factory: FactoryClient, lease_id: str, **kw: Any) -> None:
+    def __init__(self, factory: FactoryClient, lease_id: str, ttl_s: float = 0.0,
+                 **kw: Any) -> None:
         super().__init__(**kw)
         self.factory = factory
         self.lease_id = lease_id
+        self.ttl_s = ttl_s
 
     @classmethod
     async def get(cls, factory: FactoryClient, config: Config, client: str) -> LeasedVm:
-        handle = await factory.get_vm(client=client, timeout=config.runtime.get_vm_timeout_s)
-        return cls(factory, handle.lease_id, vm_id=handle.vm_id,
+        """A VM leased with the client's TTL: whoever holds the sandbox renews it
+        (see runtime_client.keeper), so a dead client's lease ends on its own."""
+        handle = await factory.get_vm(client=client, lease_ttl_s=config.runtime.lease_ttl_s,
+                                      timeout=config.runtime.get_vm_timeout_s)
+        return cls(factory, handle.lease_id, handle.lease_ttl_s, vm_id=handle.vm_id,
                    agent_socket=Path(handle.agent_socket), pid=handle.pid, source=handle.source)
+
+    async def renew(self) -> None:
+        await self.factory.renew(self.lease_id, self.ttl_s)
 
     async def attach_disk(self, path: Path, serial: str) -> None:
         await self.factory.attach_disk(self.lease_id, path, serial)
@@ -85,7 +93,7 @@ class LeasedVm(SandboxVm):
             logger.info("lease %s was already gone", self.lease_id)  # released or reclaimed
 
     def record(self) -> dict[str, Any]:
-        return {**super().record(), "lease_id": self.lease_id}
+        return {**super().record(), "lease_id": self.lease_id, "ttl_s": self.ttl_s}
 
 
 class OwnedVm(SandboxVm):
@@ -154,7 +162,7 @@ async def reattach_vm(config: Config, factory: FactoryClient, record: dict[str, 
     common = {"vm_id": record["vm_id"], "agent_socket": Path(record["agent_socket"]),
               "pid": int(record["pid"]), "source": record.get("source", "")}
     if record["kind"] == "leased":
-        return LeasedVm(factory, record["lease_id"], **common)
+        return LeasedVm(factory, record["lease_id"], float(record.get("ttl_s", 0.0)), **common)
     return await OwnedVm.adopt(config, record)
 
 

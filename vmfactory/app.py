@@ -26,7 +26,7 @@ from vmfactory.factory.direct import DirectFactory
 from vmfactory.factory.template_factory import TemplateFactory
 from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec
 from vmfactory.hypervisor.qemu import QemuHypervisor
-from vmfactory.server.grpc_service import claim_socket, start_server
+from vmfactory.server.listen import Listener, claim_socket
 from vmfactory.store import Store, open_store
 from vmfactory.util.tasks import finish
 
@@ -36,22 +36,25 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def make_hypervisor(config: Config) -> Hypervisor:
-    """The hypervisor plugin of the product: QEMU."""
-    return QemuHypervisor(config.paths.run_dir, config.timeouts)
+    """The hypervisor plugin of the product: QEMU, its VMs under ``run_dir/vms``."""
+    return QemuHypervisor(config.paths.vms_dir, config.timeouts)
 
 
 def make_bases(config: Config, hypervisor: Hypervisor) -> tuple[DirectFactory, TemplateFactory]:
-    """CreateNew, and CreateFromTemplate falling back to it."""
+    """CreateNew, and CreateFromTemplate (the shared template) falling back to it."""
     direct = DirectFactory(config, hypervisor)
     return direct, TemplateFactory(config, hypervisor, direct)
 
 
 def make_daemon(config: Config, *, hypervisor: Hypervisor | None = None,
                 store: Store | None = None) -> Daemon:
-    """The daemon of ``config``; ``hypervisor`` and ``store`` replace the product's."""
+    """The daemon of ``config``; ``hypervisor`` and ``store`` replace the product's.
+    Each tenant of the pools gets a template factory of its own."""
     hypervisor = hypervisor or make_hypervisor(config)
-    direct, template = make_bases(config, hypervisor)
-    return Daemon(config, hypervisor, store or open_store(config.store.url), direct, template)
+    direct, shared = make_bases(config, hypervisor)
+    templates = {"": shared} | {pc.tenant: TemplateFactory(config, hypervisor, direct, pc.tenant)
+                                for pc in config.pools if pc.tenant}
+    return Daemon(config, hypervisor, store or open_store(config.store.url), direct, templates)
 
 
 @contextlib.asynccontextmanager
@@ -67,16 +70,15 @@ async def running_daemon(config: Config, *, signals: bool = False,
     if signals:
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, daemon.request_stop)
-    server = None
+    listener = Listener(daemon, to_toml(config))
     try:
         await daemon.start()
-        server = await start_server(daemon, to_toml(config))
+        await listener.start()
         yield daemon
     finally:
         daemon.events.close()  # ends Watch streams, so they do not hold up the grace
         try:
-            if server is not None:
-                await finish(server.stop(config.daemon.grace_s))
+            await finish(listener.stop(config.daemon.grace_s))
             await daemon.shutdown()
         finally:
             config.daemon.socket.unlink(missing_ok=True)

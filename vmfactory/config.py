@@ -8,6 +8,9 @@ code can trust it; a bad value raises :class:`ConfigError` naming its key.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -20,13 +23,14 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "vmfactory.
 
 Accel = Literal["auto", "kvm", "tcg"]
 
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,31}$")
 MIN_MEMORY_MIB = 128
 MAX_CPUS = 64
 MAX_MEMORY_MIB = 1 << 20
 
 
 def _check_range(key: str, value: float, lo: float, hi: float) -> None:
-    if not lo <= value <= hi:
+    if math.isnan(value) or not lo <= value <= hi:
         raise ConfigError(key, f"{value!r} is out of range [{lo}, {hi}]")
 
 
@@ -35,6 +39,11 @@ class PathsConfig:
     state_dir: Path = Path("/var/lib/vmfactory")
     run_dir: Path = Path("/run/vmfactory")
     template_dir: Path = Path("/dev/shm/vmfactory-templates")
+
+    @property
+    def vms_dir(self) -> Path:
+        """Where each VM's run directory lives (recovery reaps what no record names)."""
+        return self.run_dir / "vms"
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,14 @@ class PoolConfig:
     empty: EmptyPolicy = "wait"
     # Run one throwaway container in each VM before it is pooled (see factory/warmup.py).
     warm_containers: bool = True
+    # "": shared; else a unix group: only its members (and root) use this pool, and its
+    # clones come from a template of the tenant's own (no memory shared with others).
+    tenant: str = ""
 
     def __post_init__(self) -> None:
+        if self.tenant and not NAME_RE.match(self.tenant):
+            raise ConfigError(f"pools.{self.name}.tenant",
+                              f"{self.tenant!r}: a group name of letters, digits, '-' and '_'")
         _check_range(f"pools.{self.name}.min_size", self.min_size, 0, 1000)
         _check_range(f"pools.{self.name}.max_size", self.max_size, max(1, self.min_size), 1000)
         _check_range(f"pools.{self.name}.cpus", self.cpus, 1, MAX_CPUS)
@@ -135,14 +150,25 @@ class DaemonConfig:
     socket: Path = Path("/run/vmfactory/factory.sock")
     socket_mode: str = "0600"
     socket_group: str = ""
-    # Optional loopback TCP listener, e.g. "127.0.0.1:7788"; "" for none.
+    # Optional loopback TCP listener, e.g. "127.0.0.1:7788"; "" for none.  It needs
+    # tcp_token_file: a root-owned file (mode 0600) whose token callers present.
     tcp: str = ""
+    tcp_token_file: str = ""
     grace_s: float = 10.0
     refill_concurrency: int = 2
     # Refills pause while the host's available memory is under this.
     mem_floor_mib: int = 1024
     # How often pooled VMs are checked for a dead QEMU.
     health_interval_s: float = 1.0
+    # Where AttachDisk may take images from; empty: the runtime client's image cache
+    # (paths.state_dir/bundle-images).
+    disk_roots: tuple[str, ...] = ()
+    # A lease asked for without a TTL gets this one (root's: none); no caller but
+    # root may ask for longer than max_lease_ttl_s.
+    default_lease_ttl_s: float = 300.0
+    max_lease_ttl_s: float = 86400.0
+    # Connections served at once on the socket.
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
         try:
@@ -157,6 +183,15 @@ class DaemonConfig:
         _check_range("daemon.refill_concurrency", self.refill_concurrency, 1, 64)
         _check_range("daemon.mem_floor_mib", self.mem_floor_mib, 0, MAX_MEMORY_MIB)
         _check_range("daemon.health_interval_s", self.health_interval_s, 0.05, 3600)
+        if self.tcp and not self.tcp_token_file:
+            raise ConfigError("daemon.tcp", "a TCP listener needs daemon.tcp_token_file")
+        for i, root in enumerate(self.disk_roots):
+            if not root.startswith("/") or "\0" in root:
+                raise ConfigError(f"daemon.disk_roots[{i}]", f"{root!r} is not an absolute path")
+        _check_range("daemon.default_lease_ttl_s", self.default_lease_ttl_s, 1, 10**7)
+        _check_range("daemon.max_lease_ttl_s", self.max_lease_ttl_s, self.default_lease_ttl_s,
+                     10**7)
+        _check_range("daemon.max_connections", self.max_connections, 1, 100000)
 
 
 @dataclass(frozen=True)
@@ -188,9 +223,21 @@ class RuntimeConfig:
     get_vm_timeout_s: float = 60.0
     # Read-only root images of bundles kept in the cache.
     image_cache_keep: int = 16
+    # Where the root images are made ("": paths.state_dir/bundle-images, the daemon's
+    # default disk root); each uid gets its own directory in it.
+    image_dir: str = ""
+    # Sandbox directories (proxy sockets ...); "": paths.run_dir/sandboxes.
+    run_dir: str = ""
+    # The TTL of the client's leases, renewed every third of it while the sandbox is held.
+    lease_ttl_s: float = 30.0
 
     def __post_init__(self) -> None:
         _check_range("runtime.get_vm_timeout_s", self.get_vm_timeout_s, 0.1, 3600)
+        _check_range("runtime.lease_ttl_s", self.lease_ttl_s, 1, 86400)
+        for key in ("image_dir", "run_dir"):
+            value = getattr(self, key)
+            if value and not value.startswith("/"):
+                raise ConfigError(f"runtime.{key}", f"{value!r} is not an absolute path")
         _check_range("runtime.image_cache_keep", self.image_cache_keep, 1, 10000)
         if not self.store.startswith(("file://", "leveldb://")):
             raise ConfigError("runtime.store", f"{self.store!r}: use file:///path or leveldb:///path")
@@ -254,9 +301,13 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         elif typing.get_origin(hint) is tuple:
             item = typing.get_args(hint)[0]
             if not isinstance(value, list):
-                raise ConfigError(prefix + name, "expected an array of tables")
-            kwargs[name] = tuple(build(item, v, f"{prefix}{name}[{i}].")
-                                 for i, v in enumerate(value))
+                raise ConfigError(prefix + name, "expected an array")
+            if dataclasses.is_dataclass(item):
+                kwargs[name] = tuple(build(item, v, f"{prefix}{name}[{i}].")
+                                     for i, v in enumerate(value))
+            else:
+                kwargs[name] = tuple(_convert(f"{prefix}{name}[{i}]", v, item)
+                                     for i, v in enumerate(value))
         else:
             kwargs[name] = _convert(prefix + name, value, hint)
     try:
@@ -302,7 +353,9 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string: quotes, backslashes, \uXXXX
 
 
 def to_toml(config: Config) -> str:

@@ -23,7 +23,8 @@ async def boot_once(config: Config, from_template: bool = False) -> dict[str, An
     progress = Progress(5 if from_template else 4, prefix="boot: ")
     with progress.step("guest image (built on first use)"):
         await image_paths(config, quiet=False)
-    direct, template = make_bases(config, make_hypervisor(config))
+    hypervisor = make_hypervisor(config)
+    direct, template = make_bases(config, hypervisor)
     factory: FactoryBase = direct
     if from_template:
         factory = template
@@ -45,6 +46,7 @@ async def boot_once(config: Config, from_template: bool = False) -> dict[str, An
         with progress.step("stop VM"):
             await finish(vm.stop())
             await finish(factory.close())
+            hypervisor.close()
     return {
         "vm_id": vm.id, "accel": vm.spec.accel, "cpus": info.cpus_online,
         "kernel": info.kernel_release, "guest_mem_total_mib": round(info.mem_total_kib / 1024, 1),

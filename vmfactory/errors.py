@@ -6,8 +6,11 @@ Every error raised on purpose by the ``vmfactory`` package derives from
     VmFactoryError
     ├── ConfigError          a setting is missing, malformed or out of range (.key)
     ├── InvalidRequest       a caller's values are malformed or out of range
-    ├── NotFound             no such thing (lease, sandbox, container ...)
+    ├── PermissionDenied     the caller may not do this (another uid's lease, a file)
+    ├── NotFound             no such thing (lease, sandbox, container, disk ...)
     │   └── LeaseNotFound
+    ├── AlreadyExists        that name is taken (a disk serial ...)
+    ├── ResourceExhausted    no room left (a VM's disk ports ...)
     ├── ImageError           the guest image cannot be built
     ├── HypervisorError      a VM could not be started, driven or stopped (.step)
     │   └── VmStateError     an operation in a state that does not allow it
@@ -24,11 +27,24 @@ Every error raised on purpose by the ``vmfactory`` package derives from
 Transports translate these at their edge and nowhere else, each with one table:
 ``vmfactory.server.errors`` for the Factory API (its client inverts it, so an
 error keeps its type across the wire), ``vmfactory.guest.agent.errors`` for the
-agent API, the CLIs for exit codes.  This module has no imports: the guest
-image ships it with the agent.
+agent API, the CLIs for exit codes.  A message quotes a caller's value with
+:func:`quote`, so it stays short whatever was sent.  This module has no
+imports: the guest image ships it with the agent.
 """
 
 from __future__ import annotations
+
+
+QUOTE_LIMIT = 100
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)``, cut to about ``limit`` characters: how messages show a
+    caller's value (a 20 KB lease id must not make a 20 KB error)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text) - limit} more characters)"
 
 
 class VmFactoryError(Exception):
@@ -58,12 +74,24 @@ class InvalidRequest(VmFactoryError):
     """A request's values are malformed or out of range (the caller's fault)."""
 
 
+class PermissionDenied(VmFactoryError):
+    """The caller may not do this: another uid's lease, a file it may not use."""
+
+
 class NotFound(VmFactoryError):
-    """No such lease, sandbox, container or process."""
+    """No such lease, sandbox, container, process or disk."""
+
+
+class AlreadyExists(VmFactoryError):
+    """That name is taken (a disk serial already attached ...)."""
 
 
 class LeaseNotFound(NotFound):
     """No lease with that id (never issued, already released or reclaimed)."""
+
+
+class ResourceExhausted(VmFactoryError):
+    """No room left for this (every disk port of the VM is taken ...)."""
 
 
 class ImageError(VmFactoryError):

@@ -159,14 +159,24 @@ class ImageCache:
                         os.unlink(entry.path)
 
     def _ensure_directory(self) -> None:
+        """The cache directory, ours alone: made private if new, and refused if
+        another uid made it (it could swap our images) or others may write in it."""
         try:
-            self.directory.mkdir(parents=True)
+            self.directory.mkdir(mode=0o700, parents=True)
         except FileExistsError:
-            if not self.directory.is_dir():
-                raise BundleError(f"image cache {self.directory} is not a directory") from None
+            pass
+        except OSError as exc:
+            raise BundleError(f"image cache {self.directory}: {exc.strerror} (its parent must "
+                              "exist and be writable: runtime.image_dir)") from None
         else:
             # mkdir's mode is filtered by the umask; the cache should be private regardless.
             os.chmod(self.directory, 0o700)
+        st = self.directory.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise BundleError(f"image cache {self.directory} is not a directory")
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            raise BundleError(f"image cache {self.directory} belongs to uid {st.st_uid} or "
+                              "others may write in it: refusing to use it")
 
     @staticmethod
     def _lock_path(image: Path) -> Path:

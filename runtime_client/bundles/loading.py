@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime_client.errors import BundleError
+from vmfactory.errors import quote
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 MAX_ID = 2**32 - 2  # 2**32 - 1 is (uid_t)-1, which the kernel treats as "no change"
@@ -64,6 +65,18 @@ class Bundle:
 
 class _Invalid(Exception):
     """A config.json problem; load_bundle adds which bundle it is in."""
+
+
+def _text(value: str, where: str) -> str:
+    """``value`` if it has no NUL and is valid Unicode (JSON may carry a lone
+    surrogate, which no process argument or protobuf string can hold)."""
+    if "\0" in value:
+        raise _Invalid(f"{where} contains a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _Invalid(f"{where} is not valid Unicode (a lone surrogate?)") from None
+    return value
 
 
 
@@ -134,6 +147,7 @@ def _parse_root(raw: object) -> tuple[str, bool]:
     root_path = raw.get("path", "rootfs")
     if not isinstance(root_path, str) or not root_path or "\0" in root_path:
         raise _Invalid("root.path must be a non-empty string")
+    _text(root_path, "root.path")
     return root_path, _opt_bool(raw.get("readonly"), "root.readonly")
 
 
@@ -146,6 +160,7 @@ def _parse_hostname(value: object) -> str:
         raise _Invalid(f"hostname is longer than {MAX_HOSTNAME} characters")
     if "/" in value or "\0" in value:
         raise _Invalid("hostname must not contain '/' or NUL")
+    _text(value, "hostname")
     return value
 
 
@@ -159,8 +174,9 @@ def _parse_process(raw: object) -> ProcessSpec:
         cwd = "/"
     if not isinstance(cwd, str) or "\0" in cwd:
         raise _Invalid("process.cwd must be a string without NUL bytes")
+    _text(cwd, "process.cwd")
     if not cwd.startswith("/"):
-        raise _Invalid(f"process.cwd must be an absolute path, not {cwd!r}")
+        raise _Invalid(f"process.cwd must be an absolute path, not {quote(cwd)}")
     return ProcessSpec(args=_parse_args(raw.get("args"), "process.args"),
                        env=_parse_env(raw.get("env")), cwd=cwd,
                        user=_parse_user(raw.get("user")),
@@ -173,8 +189,7 @@ def _parse_args(raw: object, where: str = "process.args") -> tuple[str, ...]:
             or not all(isinstance(a, str) for a in raw)):
         raise _Invalid(f"{where} must be a non-empty list of strings")
     for i, arg in enumerate(raw):
-        if "\0" in arg:
-            raise _Invalid(f"{where}[{i}] contains a NUL byte")
+        _text(arg, f"{where}[{i}]")
     return tuple(raw)
 
 
@@ -184,11 +199,10 @@ def _parse_env(raw: object) -> tuple[str, ...]:
     if not isinstance(raw, list) or not all(isinstance(e, str) for e in raw):
         raise _Invalid("process.env must be a list of strings")
     for i, entry in enumerate(raw):
-        if "\0" in entry:
-            raise _Invalid(f"process.env[{i}] contains a NUL byte")
+        _text(entry, f"process.env[{i}]")
         key, sep, _ = entry.partition("=")
         if not sep or not key:
-            raise _Invalid(f"process.env[{i}] is not KEY=VALUE: {entry!r}")
+            raise _Invalid(f"process.env[{i}] is not KEY=VALUE: {quote(entry)}")
     env = tuple(raw)
     if not any(e.startswith("PATH=") for e in env):
         env += (f"PATH={DEFAULT_PATH}",)

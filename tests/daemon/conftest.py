@@ -21,12 +21,15 @@ import pytest
 
 from vmfactory.app import make_daemon
 from vmfactory.config import Config, load_config
+from vmfactory.daemon.callers import Caller
 from vmfactory.daemon.core import Daemon
 from vmfactory.hypervisor.base import Hypervisor
 from vmfactory.hypervisor.proc import processes_under
 from vmfactory.hypervisor.process import AGENT_MODULE, ProcessHypervisor
 from vmfactory.store import Store
 
+# The tests run as root: the caller of their requests.
+ME = Caller.local()
 POOL = {"name": "p", "base": "direct", "min_size": 2, "max_size": 3, "warm_containers": False}
 
 
@@ -50,7 +53,7 @@ def standin_config(root: Path, pools: list[dict[str, Any]] | None = None,
 
 
 def standin_hypervisor(config: Config, cls: type[Hypervisor] = ProcessHypervisor) -> Hypervisor:
-    return cls(config.paths.run_dir, config.timeouts)
+    return cls(config.paths.vms_dir, config.timeouts)
 
 
 async def started(config: Config, *, hypervisor: Hypervisor | None = None,

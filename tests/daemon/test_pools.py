@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.daemon.conftest import POOL, standin_config, standin_hypervisor, standins, started, until
+from tests.daemon.conftest import ME, POOL, standin_config, standin_hypervisor, standins, started, until
 from vmfactory.daemon.core import VmRequest
 from vmfactory.daemon.events import EventKind
 from vmfactory.daemon.leases import VmSource
@@ -30,18 +30,18 @@ async def test_handout_refill_and_release(root: Path) -> None:
     try:
         await until(lambda: len(pool.ready) == 2, what="pool full")
         assert all(vm.state is VmState.PAUSED for vm in pool.ready)
-        lease = await daemon.get_vm(VmRequest(client="t"), soon())
+        lease = await daemon.get_vm(VmRequest(client="t"), soon(), ME)
         assert lease.source is VmSource.POOL and lease.vm.state is VmState.RUNNING
         assert pool.handouts == 1 and pool.misses == 0
         # The handout triggered a refill: the pool is full again, the lease kept.
         await until(lambda: len(pool.ready) == 2 and pool.refilling == 0, what="refill")
         assert lease.id in daemon.leases and lease.vm not in pool.ready
         pid = lease.vm.pid
-        await daemon.release(lease.id)
+        await daemon.release(lease.id, ME)
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         with pytest.raises(LeaseNotFound):
-            await daemon.release(lease.id)
-        status = daemon.status()
+            await daemon.release(lease.id, ME)
+        status = daemon.status(ME)
         assert [p["ready"] for p in status["pools"]] == [2]
         assert not any(v["lease_id"] for v in status["vms"])
     finally:
@@ -54,10 +54,10 @@ async def test_miss_waits_for_the_refill(root: Path) -> None:
     daemon = await started(standin_config(root, [{**POOL, "min_size": 1, "max_size": 1}]))
     try:
         # Asked at once: the pool's first VM is still being made; the request waits.
-        lease = await daemon.get_vm(VmRequest(), soon(30))
+        lease = await daemon.get_vm(VmRequest(), soon(30), ME)
         assert lease.source is VmSource.POOL
         assert daemon.pools["p"].misses == 1
-        await daemon.release(lease.id)
+        await daemon.release(lease.id, ME)
     finally:
         await daemon.shutdown()
 
@@ -67,10 +67,10 @@ async def test_miss_past_the_deadline_is_pool_empty(root: Path) -> None:
     try:
         start = time.monotonic()
         with pytest.raises(PoolEmpty):
-            await daemon.get_vm(VmRequest(), time.monotonic() + 0.3)
+            await daemon.get_vm(VmRequest(), time.monotonic() + 0.3, ME)
         assert 0.25 < time.monotonic() - start < 5
         with pytest.raises(InvalidRequest, match="deadline"):
-            await daemon.get_vm(VmRequest(), time.monotonic() - 1)
+            await daemon.get_vm(VmRequest(), time.monotonic() - 1, ME)
         assert not daemon.leases.values() and not standins(root)
     finally:
         await daemon.shutdown()
@@ -80,10 +80,10 @@ async def test_miss_with_fallback_boots_one(root: Path) -> None:
     daemon = await started(standin_config(
         root, [{**POOL, "min_size": 0, "max_size": 1, "empty": "fallback"}]))
     try:
-        lease = await daemon.get_vm(VmRequest(), soon())
+        lease = await daemon.get_vm(VmRequest(), soon(), ME)
         assert lease.source is VmSource.BOOT and lease.pool == "p"
         assert daemon.pools["p"].misses == 1 and daemon.direct.booted == 1
-        await daemon.release(lease.id)
+        await daemon.release(lease.id, ME)
     finally:
         await daemon.shutdown()
     assert not standins(root)
@@ -98,11 +98,11 @@ async def test_dead_pooled_vm_is_replaced_not_handed_out(root: Path) -> None:
         os.kill(victim.pid, signal.SIGKILL)
         await until(lambda: pool.replaced == 1 and len(pool.ready) == 2
                     and victim not in pool.ready, what="replacement")
-        leases = [await daemon.get_vm(VmRequest(), soon()) for _ in range(2)]
+        leases = [await daemon.get_vm(VmRequest(), soon(), ME) for _ in range(2)]
         assert victim not in [lease.vm for lease in leases]
         assert daemon.events.counts[EventKind.REPLACED] == 1
         for lease in leases:
-            await daemon.release(lease.id)
+            await daemon.release(lease.id, ME)
     finally:
         await daemon.shutdown()
 
@@ -110,15 +110,15 @@ async def test_dead_pooled_vm_is_replaced_not_handed_out(root: Path) -> None:
 async def test_lease_ttl_reclaims_the_vm(root: Path) -> None:
     daemon = await started(standin_config(root))
     try:
-        lease = await daemon.get_vm(VmRequest(lease_ttl_s=0.2), soon(30))
-        kept = await daemon.get_vm(VmRequest(), soon(30))
+        lease = await daemon.get_vm(VmRequest(lease_ttl_s=0.2), soon(30), ME)
+        kept = await daemon.get_vm(VmRequest(), soon(30), ME)
         await until(lambda: lease.id not in daemon.leases, what="TTL")
         await until(lambda: lease.vm.state is VmState.STOPPED)
         assert kept.id in daemon.leases and kept.vm.alive
         assert daemon.events.counts[EventKind.RECLAIMED] == 1
         with pytest.raises(LeaseNotFound):
-            await daemon.release(lease.id)
-        await daemon.release(kept.id)
+            await daemon.release(lease.id, ME)
+        await daemon.release(kept.id, ME)
     finally:
         await daemon.shutdown()
 
@@ -155,7 +155,7 @@ async def test_cancelled_mid_handout_leaves_no_vm_and_no_lease(root: Path) -> No
     try:
         await until(lambda: len(pool.ready) == 2)
         vm = pool.ready[0]
-        request = asyncio.ensure_future(daemon.get_vm(VmRequest(), soon()))
+        request = asyncio.ensure_future(daemon.get_vm(VmRequest(), soon(), ME))
         await until(lambda: vm not in pool.ready, what="handout started")
         await asyncio.sleep(0.05)  # blocked in resume
         request.cancel()
@@ -174,7 +174,7 @@ async def test_vm_served_as_its_waiter_gives_up_goes_back_to_the_pool(root: Path
     daemon = await started(standin_config(root, [{**POOL, "min_size": 1, "max_size": 1}]))
     pool = daemon.pools["p"]
     try:
-        request = asyncio.ensure_future(daemon.get_vm(VmRequest(), soon(30)))
+        request = asyncio.ensure_future(daemon.get_vm(VmRequest(), soon(30), ME))
         await until(lambda: len(pool._waiters) == 1, what="a waiting request")
         # Cancel the request in the same loop turn as the refill hands it its VM.
         pool._waiters[0].add_done_callback(lambda _: request.cancel())
@@ -191,6 +191,6 @@ async def test_requests_on_a_stopping_daemon_are_refused(root: Path) -> None:
     await daemon.shutdown()
     await daemon.shutdown()  # idempotent
     with pytest.raises(DaemonError, match="stopped"):
-        await daemon.get_vm(VmRequest(), soon())
+        await daemon.get_vm(VmRequest(), soon(), ME)
     with pytest.raises(DaemonError):
-        await daemon.release("x")
+        await daemon.release("x", ME)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.daemon.conftest import standin_config, standin_hypervisor, standins, started, until
+from tests.daemon.conftest import ME, standin_config, standin_hypervisor, standins, started, until
 from vmfactory.config import Config
 from vmfactory.daemon.core import Daemon, VmRequest
 from vmfactory.daemon.leases import VmSource
@@ -47,7 +47,7 @@ async def test_a_restarted_daemon_takes_back_pooled_and_leased_vms(root: Path) -
     first = await started(config)
     pool = first.pools["p"]
     await until(lambda: len(pool.ready) == 2)
-    lease = await first.get_vm(VmRequest(client="c", lease_ttl_s=600), time.monotonic() + 10)
+    lease = await first.get_vm(VmRequest(client="c", lease_ttl_s=600), time.monotonic() + 10, ME)
     await until(lambda: len(pool.ready) == 2 and pool.refilling == 0)
     pooled = {vm.id: vm.pid for vm in pool.ready}
     stray, gone = await leftovers(config, first, lease.vm.spec)
@@ -66,10 +66,10 @@ async def test_a_restarted_daemon_takes_back_pooled_and_leased_vms(root: Path) -
         assert {vm.id: vm.pid for vm in second.pools["p"].ready} == pooled
         assert all(vm.state is VmState.PAUSED for vm in second.pools["p"].ready)
         # Taken back for real: handed out and answering.
-        served = await second.get_vm(VmRequest(), time.monotonic() + 10)
+        served = await second.get_vm(VmRequest(), time.monotonic() + 10, ME)
         assert served.vm.id in pooled and served.vm.alive
-        await second.release(served.id)
-        await second.release(lease.id)
+        await second.release(served.id, ME)
+        await second.release(lease.id, ME)
     finally:
         await second.shutdown()
         await stray.stop()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon.conftest import POOL, standin_config, standin_hypervisor, standins, started, until
+from tests.daemon.conftest import ME, POOL, standin_config, standin_hypervisor, standins, started, until
 from tests.faults import FailingStore
 from vmfactory.daemon.core import DaemonState, VmRequest
 from vmfactory.daemon.events import EventKind
@@ -39,13 +39,13 @@ async def test_refills_failing_on_the_store_are_logged_and_retried(
         # Still serving: a request gets an answer (no VM could be pooled), not a hang.
         assert daemon.state is DaemonState.SERVING
         with pytest.raises(PoolEmpty):
-            await daemon.get_vm(VmRequest(), time.monotonic() + 0.2)
+            await daemon.get_vm(VmRequest(), time.monotonic() + 0.2, ME)
         # The VMs whose record failed were stopped: any live one is a refill in flight.
         assert not pool.ready and len(standins(root)) <= pool.refilling
         store.fail = set()
         await until(lambda: len(pool.ready) == 2, timeout=40, what="refill after the fault")
-        lease = await daemon.get_vm(VmRequest(), time.monotonic() + 10)
-        await daemon.release(lease.id)
+        lease = await daemon.get_vm(VmRequest(), time.monotonic() + 10, ME)
+        await daemon.release(lease.id, ME)
     finally:
         await daemon.shutdown()
     assert not standins(root)
@@ -60,7 +60,7 @@ async def test_a_lease_that_cannot_be_recorded_stops_its_vm(root: Path) -> None:
         vm = pool.ready[0]
         store.fail = {"save"}
         with pytest.raises(StoreError):
-            await daemon.get_vm(VmRequest(), time.monotonic() + 10)
+            await daemon.get_vm(VmRequest(), time.monotonic() + 10, ME)
         assert vm.state is VmState.STOPPED and not daemon.leases.values()
     finally:
         store.fail = set()
@@ -73,7 +73,7 @@ async def test_a_failing_lease_reaper_stops_the_daemon_cleanly(
     store = failing_store(root)
     daemon = await started(standin_config(root), store=store)
     try:
-        lease = await daemon.get_vm(VmRequest(lease_ttl_s=0.3), time.monotonic() + 30)
+        lease = await daemon.get_vm(VmRequest(lease_ttl_s=0.3), time.monotonic() + 30, ME)
         store.fail = {"delete"}  # the expired lease's record cannot be dropped
         await asyncio.wait_for(daemon.wait_stopped(), 10)
         assert daemon.failure is not None and daemon.failure.task == "daemon:lease-reaper"

@@ -41,7 +41,7 @@ from vmfactory.guest.image import GuestImage
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_SHIM = "katashimbuiltin"
 DEFAULT_PROXY = "noProxy"
-CLIENT_MODULES = ("runtime_client.proxies", "runtime_client.shims")
+CLIENT_MODULES = ("runtime_client.proxies", "runtime_client.shims", "runtime_client.keeper")
 
 
 def write_runtime_config(root: Path, min_size: int = 2, max_size: int = 3) -> Path:

@@ -107,7 +107,7 @@ async def test_lease_ttl_reclaims_the_vm(daemon: DaemonProc) -> None:
     ({"memory_mib": 16}, "memory_mib: 16 is out of range"),
     ({"image": "ubuntu"}, "unknown image"),
     ({"base": "magic"}, "unknown base"),
-    ({"lease_ttl_s": -1.0}, "must not be negative"),
+    ({"lease_ttl_s": -1.0}, "must be between 0 and"),
 ])
 async def test_bad_requests_are_invalid_argument(daemon: DaemonProc, kwargs: dict,
                                                  match: str) -> None:

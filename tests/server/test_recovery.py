@@ -111,7 +111,7 @@ async def _crash_and_recover(root: Path, config: Path, d) -> None:  # type: igno
             # compare at a moment with no refill in flight.
             status = await _settled(client)
             assert set(qemu_pids_under(root)) == {v.pid for v in status.vms}
-            assert {p.name for p in (root / "run").iterdir()} == {v.vm_id for v in status.vms}
+            assert {p.name for p in (root / "run" / "vms").iterdir()} == {v.vm_id for v in status.vms}
             for h in leased:
                 await client.release(h.lease_id)
                 assert not _alive(h.pid)

@@ -1,8 +1,9 @@
 """The factory daemon's core: store -> factory bases -> pools -> leases.
 
-Transports (``vmfactory.server``) convert messages and call these methods;
-nothing here knows about gRPC.  The composition root (``vmfactory.app``)
-builds the hypervisor, the store and the bases and passes them in.
+Transports (``vmfactory.server``) convert messages and call these methods with
+the :class:`Caller` behind each request; nothing here knows about gRPC.  The
+composition root (``vmfactory.app``) builds the hypervisor, the store and the
+bases and passes them in.
 
 Background work and what its failure does: each pool's refill and health
 loops are restarted with backoff (see ``pools``); the lease reaper is fatal:
@@ -17,28 +18,27 @@ import asyncio
 import dataclasses
 import enum
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from vmfactory import __version__
 from vmfactory.config import Config, PoolConfig, VmConfig
+from vmfactory.daemon.callers import Caller
+from vmfactory.daemon.disks import open_disk, prepare_default_root
 from vmfactory.daemon.events import EventBus, EventKind, PoolEvent
-from vmfactory.daemon.leases import Lease, LeaseTable, VmSource
+from vmfactory.daemon.leases import Lease, LeaseTable, VmSource, new_lease_id
 from vmfactory.daemon.pools import Pool
 from vmfactory.daemon.records import VmRecords
 from vmfactory.daemon.recovery import Recovery, RecoveryReport
+from vmfactory.daemon.requests import VmRequest, check_lease_id, check_seconds
+from vmfactory.daemon.status import daemon_status
 from vmfactory.errors import (
-    BackgroundFailure, ConfigError, DaemonError, InvalidRequest, VmFactoryError,
+    BackgroundFailure, ConfigError, DaemonError, InvalidRequest, PermissionDenied, quote,
 )
 from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.direct import DirectFactory
 from vmfactory.factory.template_factory import TemplateFactory
-from vmfactory.hypervisor.base import Hypervisor, Vm, check_serial
+from vmfactory.hypervisor.base import Hypervisor, check_serial
 from vmfactory.store import Store
 from vmfactory.util.states import Lifecycle, require
 from vmfactory.util.tasks import Policy, Supervisor, Teardown, finish
@@ -46,6 +46,7 @@ from vmfactory.util.tasks import Policy, Supervisor, Teardown, finish
 logger = logging.getLogger(__name__)
 
 LEASE_CHECK_S = 0.5
+BASES = ("", "template", "direct")
 
 
 class DaemonState(enum.Enum):
@@ -56,28 +57,18 @@ class DaemonState(enum.Enum):
     STOPPED = "stopped"
 
 
-@dataclass(frozen=True)
-class VmRequest:
-    """A GetVM request after conversion; 0 / "" mean the defaults."""
-
-    cpus: int = 0
-    memory_mib: int = 0
-    image: str = ""
-    base: str = ""
-    lease_ttl_s: float = 0.0
-    client: str = ""
-
-
 class Daemon(Lifecycle[DaemonState]):
-    """One node's VM factory; owns ``store`` from here on."""
+    """One node's VM factory; owns ``store`` from here on.  ``templates`` has the
+    shared template factory under "" and one per tenant of the pools."""
 
     def __init__(self, config: Config, hypervisor: Hypervisor, store: Store,
-                 direct: DirectFactory, template: TemplateFactory) -> None:
+                 direct: DirectFactory, templates: dict[str, TemplateFactory]) -> None:
         self.config = config
         self.hypervisor = hypervisor
         self.store = store
         self.direct = direct
-        self.template = template
+        self.templates = templates
+        self.template = templates[""]
         self.events = EventBus()
         self.started_at = time.time()
         self.records = VmRecords(store)
@@ -85,9 +76,10 @@ class Daemon(Lifecycle[DaemonState]):
         self.pools: dict[str, Pool] = {}
         self.recovery = RecoveryReport()
         self.failure: BackgroundFailure | None = None
+        self.disk_roots = [Path(r) for r in config.daemon.disk_roots] or [
+            config.paths.state_dir / "bundle-images"]
         self._tasks = Supervisor("daemon", on_fatal=self._fatal)
         self._stop = asyncio.Event()
-        self._procs: dict[int, psutil.Process] = {}
         self._set_state(DaemonState.CREATED)
 
     def _state_error(self, operation: str) -> Exception:
@@ -101,11 +93,13 @@ class Daemon(Lifecycle[DaemonState]):
     async def start(self) -> None:
         """Recover what an earlier daemon left, start the pools and the reaper."""
         self._set_state(DaemonState.STARTING)
+        if not self.config.daemon.disk_roots:
+            prepare_default_root(self.disk_roots[0], self.config.daemon.socket_group)
         slots = asyncio.Semaphore(self.config.daemon.refill_concurrency)
         for pc in self.config.pools:
             self.pools[pc.name] = Pool(
-                pc, self._pool_vm_config(pc), self._base(pc.base), self.events, slots,
-                self.config.daemon.mem_floor_mib, self.config.daemon.health_interval_s,
+                pc, self._pool_vm_config(pc), self._base(pc.base, pc.tenant), self.events,
+                slots, self.config.daemon.mem_floor_mib, self.config.daemon.health_interval_s,
                 self.records)
         self.recovery = await Recovery(self.records, self.leases, self.hypervisor,
                                        self.pools).run()
@@ -118,12 +112,21 @@ class Daemon(Lifecycle[DaemonState]):
     def _pool_vm_config(self, pc: PoolConfig) -> VmConfig:
         return dataclasses.replace(self.config.vm, cpus=pc.cpus, memory_mib=pc.memory_mib)
 
-    def _base(self, name: str) -> FactoryBase:
-        return self.template if name == "template" else self.direct
+    def _base(self, name: str, tenant: str) -> FactoryBase:
+        """The base that makes VMs for ``tenant``: its own template, never another's."""
+        if name == "direct" or tenant not in self.templates:
+            return self.direct
+        return self.templates[tenant]
 
     def request_stop(self) -> None:
-        """Ask ``wait_stopped`` to return (Quit RPC, signals)."""
+        """Ask ``wait_stopped`` to return (signals; Quit goes through :meth:`quit`)."""
         self._stop.set()
+
+    def quit(self, caller: Caller) -> None:
+        """The Quit request: root's alone."""
+        caller.require_root("stopping the daemon")
+        logger.info("stop requested by %s", caller)
+        self.request_stop()
 
     async def wait_stopped(self) -> None:
         await self._stop.wait()
@@ -153,9 +156,11 @@ class Daemon(Lifecycle[DaemonState]):
             self.leases.pop(lease.id)
             await teardown.step(f"lease {lease.id}",
                                 self._end_lease(lease, EventKind.RECLAIMED, "daemon stopping"))
-        await teardown.step("template factory", self.template.close())
-        await teardown.step("template", self.template.template.destroy())
+        for tenant, factory in self.templates.items():
+            await teardown.step(f"template factory {tenant!r}", factory.close())
+            await teardown.step(f"template {tenant!r}", factory.template.destroy())
         teardown.sync_step("store", self.store.close)
+        teardown.sync_step("run directory", self.hypervisor.close)
         self._set_state(DaemonState.STOPPED)
         logger.info("daemon stopped")
         if self.failure is not None:
@@ -165,11 +170,9 @@ class Daemon(Lifecycle[DaemonState]):
     # -- requests ----------------------------------------------------------
     def _vm_config(self, req: VmRequest) -> VmConfig:
         if req.image not in ("", "default"):
-            raise InvalidRequest(f"unknown image {req.image!r} (only 'default' is served)")
-        if req.base not in ("", "template", "direct"):
-            raise InvalidRequest(f"unknown base {req.base!r}: use template or direct")
-        if req.lease_ttl_s < 0:
-            raise InvalidRequest(f"lease_ttl_s must not be negative, got {req.lease_ttl_s}")
+            raise InvalidRequest(f"unknown image {quote(req.image)} (only 'default' is served)")
+        if req.base not in BASES:
+            raise InvalidRequest(f"unknown base {quote(req.base)}: use template or direct")
         vm = self.config.vm
         if req.cpus > vm.max_cpus:
             raise InvalidRequest(f"cpus {req.cpus} exceeds this node's maximum of {vm.max_cpus}")
@@ -177,61 +180,86 @@ class Daemon(Lifecycle[DaemonState]):
             raise InvalidRequest(f"memory_mib {req.memory_mib} exceeds this node's maximum of "
                                  f"{vm.max_memory_mib}")
         try:
-            return dataclasses.replace(self.config.vm, cpus=req.cpus or self.config.vm.cpus,
-                                       memory_mib=req.memory_mib or self.config.vm.memory_mib)
+            return dataclasses.replace(vm, cpus=req.cpus or vm.cpus,
+                                       memory_mib=req.memory_mib or vm.memory_mib)
         except ConfigError as exc:
             raise InvalidRequest(str(exc).replace("config vm.", "")) from exc
 
-    def _pool_for(self, vm: VmConfig, base: str) -> Pool | None:
+    def _lease_ttl(self, asked: float, caller: Caller) -> float:
+        """The TTL a lease gets: root's as asked (0: none); anyone else's bounded,
+        and a default for none, so no caller can hold a VM it forgot."""
+        if caller.is_root:
+            return check_seconds("lease_ttl_s", asked, 10**9, zero=True)
+        limit = self.config.daemon.max_lease_ttl_s
+        return check_seconds("lease_ttl_s", asked, limit, zero=True) or min(
+            self.config.daemon.default_lease_ttl_s, limit)
+
+    def _pool_for(self, vm: VmConfig, base: str, tenant: str) -> Pool | None:
         for pool in self.pools.values():
             pc = pool.config
-            if (pc.cpus, pc.memory_mib) == (vm.cpus, vm.memory_mib) and base in ("", pc.base):
+            if ((pc.cpus, pc.memory_mib) == (vm.cpus, vm.memory_mib) and base in ("", pc.base)
+                    and pc.tenant == tenant):
                 return pool
         return None
 
     @require(DaemonState.SERVING)
-    async def get_vm(self, req: VmRequest, deadline: float) -> Lease:
-        """A ready, leased VM; ``deadline`` is a time.monotonic() value."""
+    async def get_vm(self, req: VmRequest, deadline: float, caller: Caller) -> Lease:
+        """A ready VM leased to ``caller``; ``deadline`` is a time.monotonic() value."""
+        req = req.checked()
+        if req.tenant:
+            caller.require_group(req.tenant)
+        ttl = self._lease_ttl(req.lease_ttl_s, caller)
         if deadline <= time.monotonic():
             raise InvalidRequest("the request's deadline has already passed")
         vm_config = self._vm_config(req)
-        pool = self._pool_for(vm_config, req.base)
+        pool = self._pool_for(vm_config, req.base, req.tenant)
         if pool is not None:
             vm, source = await pool.get(deadline)
-            pool_name = pool.name
         else:
-            vm = await self._base(req.base or "template").get_vm(vm_config)
-            source, pool_name = VmSource.made(vm), ""
+            vm = await self._base(req.base or "template", req.tenant).get_vm(vm_config)
+            source = VmSource.made(vm)
+        lease = Lease(new_lease_id(), vm, pool.name if pool else "", source, req.client, ttl,
+                      caller.uid, req.tenant)
         try:
             await vm.hand_over_agent()
-            return await self.leases.add(vm, pool_name, source, req.client, req.lease_ttl_s)
+            vm.grant(caller.uid)
+            return await self.leases.add(lease)
         except BaseException:
             await finish(vm.stop())  # not leased, so nobody would ever stop it
             raise
 
-    def _leased_vm(self, lease_id: str) -> Vm:
-        return self.leases.get(lease_id).vm
+    @require(DaemonState.SERVING)
+    async def renew(self, lease_id: str, ttl_s: float, caller: Caller) -> None:
+        """The lease now ends ``ttl_s`` from now."""
+        lease = self.leases.owned(check_lease_id(lease_id), caller)
+        if not ttl_s:
+            raise InvalidRequest("ttl_s must be more than 0")
+        await self.leases.renew(lease, self._lease_ttl(ttl_s, caller))
 
     @require(DaemonState.SERVING)
-    async def attach_disk(self, lease_id: str, path: str, serial: str, read_only: bool) -> str:
-        """Hot-plug a host image into a leased VM (the client's container root)."""
-        vm = self._leased_vm(lease_id)
-        image = Path(path)
-        if not image.is_absolute() or not image.is_file():
-            raise InvalidRequest(f"disk image must be an existing file given by absolute path: "
-                                 f"{path!r}")
+    async def attach_disk(self, lease_id: str, path: str, serial: str, writable: bool,
+                          caller: Caller) -> str:
+        """Hot-plug a host image into a leased VM (the client's container root),
+        if the disk policy lets ``caller`` use it (see ``disks``)."""
+        lease = self.leases.owned(check_lease_id(lease_id), caller)
         check_serial(serial)
-        return await vm.attach_disk(image, serial, read_only)
+        disk = await asyncio.to_thread(open_disk, path, self.disk_roots, caller, writable)
+        try:
+            return await lease.vm.attach_disk(disk, serial)
+        finally:
+            disk.close()  # QEMU holds its own copy
 
     @require(DaemonState.SERVING)
-    async def detach_disk(self, lease_id: str, serial: str) -> None:
+    async def detach_disk(self, lease_id: str, serial: str, caller: Caller) -> None:
+        lease = self.leases.owned(check_lease_id(lease_id), caller)
         check_serial(serial)
-        await self._leased_vm(lease_id).detach_disk(serial)
+        await lease.vm.detach_disk(serial)
 
     @require(DaemonState.SERVING)
-    async def release(self, lease_id: str) -> None:
+    async def release(self, lease_id: str, caller: Caller) -> None:
+        self.leases.owned(check_lease_id(lease_id), caller)
         lease = self.leases.pop(lease_id)
-        await self._end_lease(lease, EventKind.RELEASED, "released")
+        await self._end_lease(lease, EventKind.RELEASED, f"released by {caller}")
 
     async def _end_lease(self, lease: Lease, kind: EventKind, why: str) -> None:
         self.events.publish(PoolEvent(lease.pool, kind, lease.vm.id, why))
@@ -249,31 +277,10 @@ class Daemon(Lifecycle[DaemonState]):
                                       f"TTL of {lease.ttl_s:g} s ended")
 
     # -- status ------------------------------------------------------------
-    def _vm_status(self, vm: Vm, pool: str, lease: Lease | None,
-                   source: VmSource) -> dict[str, Any]:
-        out: dict[str, Any] = {"vm_id": vm.id, "pid": vm.pid or 0, "state": vm.state.value,
-                               "pool": pool, "lease_id": lease.id if lease else "",
-                               "cpus": vm.cpus, "memory_mib": vm.memory_mib,
-                               "source": source.value, "cpu_percent": 0.0,
-                               "age_s": time.monotonic() - vm.created_at,
-                               "rss_mib": 0.0, "pss_mib": 0.0}
-        if vm.pid:
-            try:
-                proc = self._procs.setdefault(vm.pid, psutil.Process(vm.pid))
-                out["cpu_percent"] = proc.cpu_percent(None)
-                mem = vm.memory()
-                out["rss_mib"], out["pss_mib"] = mem.rss_mib, mem.pss_mib
-            except (psutil.Error, OSError, VmFactoryError):
-                pass  # it is going away: its numbers stay 0
-        return out
+    def status(self, caller: Caller) -> dict[str, Any]:
+        """Pools and VMs; leases of others without their ids."""
+        return {**daemon_status(self.pools.values(), self.leases.values(), self.recovery,
+                                self.started_at, caller), "template": self.template.status()}
 
-    def status(self) -> dict[str, Any]:
-        vms = [self._vm_status(vm, p.name, None, VmSource.POOL)
-               for p in self.pools.values() for vm in list(p.ready)]
-        vms += [self._vm_status(le.vm, le.pool, le, le.source) for le in self.leases.values()]
-        live = {v["pid"] for v in vms}
-        self._procs = {pid: p for pid, p in self._procs.items() if pid in live}
-        return {"pid": os.getpid(), "uptime_s": time.time() - self.started_at,
-                "recovered": self.recovery.adopted, "recovery_s": self.recovery.seconds,
-                "version": __version__, "pools": [p.status() for p in self.pools.values()],
-                "vms": vms, "template": self.template.status()}
+
+__all__ = ["Daemon", "DaemonState", "PermissionDenied", "VmRequest"]

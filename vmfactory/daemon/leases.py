@@ -10,9 +10,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmfactory.errors import LeaseNotFound
+from vmfactory.daemon.callers import Caller
 from vmfactory.daemon.records import Role, VmRecords
+from vmfactory.errors import LeaseNotFound, PermissionDenied, quote
 from vmfactory.hypervisor.base import Vm
+from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
@@ -30,28 +32,42 @@ class VmSource(enum.StrEnum):
         return cls.CLONE if vm.spec.is_clone else cls.BOOT
 
 
+def new_lease_id() -> str:
+    """16 hex digits: not guessable, so a lease id in a log or a status is no key."""
+    return secrets.token_hex(8)
+
+
 @dataclass
 class Lease:
+    """A handed-out VM and who holds it: ``owner_uid`` alone (and root) may act
+    on it.  With a TTL it ends ``ttl_s`` after it was made or last renewed."""
+
     id: str
     vm: Vm
     pool: str
     source: VmSource
     client: str
     ttl_s: float
+    owner_uid: int = 0
+    tenant: str = ""
     created: float = field(default_factory=time.time)
+    renewed: float = 0.0
 
     @property
     def expires(self) -> float | None:
-        return self.created + self.ttl_s if self.ttl_s > 0 else None
+        return max(self.created, self.renewed) + self.ttl_s if self.ttl_s > 0 else None
 
     def record(self) -> dict[str, object]:
         return {"lease_id": self.id, "pool": self.pool, "source": self.source.value,
-                "client": self.client, "ttl_s": self.ttl_s, "created": self.created}
+                "client": self.client, "ttl_s": self.ttl_s, "created": self.created,
+                "renewed": self.renewed, "owner_uid": self.owner_uid, "tenant": self.tenant}
 
     @classmethod
     def from_record(cls, vm: Vm, record: dict[str, Any]) -> Lease:
         return cls(record["lease_id"], vm, record["pool"], VmSource(record["source"]),
-                   record["client"], float(record["ttl_s"]), float(record["created"]))
+                   record["client"], float(record["ttl_s"]), int(record.get("owner_uid", 0)),
+                   str(record.get("tenant", "")), float(record["created"]),
+                   float(record.get("renewed", 0.0)))
 
 
 class LeaseTable:
@@ -71,13 +87,20 @@ class LeaseTable:
     def values(self) -> list[Lease]:
         return list(self._leases.values())
 
-    async def add(self, vm: Vm, pool: str, source: VmSource, client: str,
-                  ttl_s: float) -> Lease:
-        """Record a new lease (synced to the store, off the event loop) and return it."""
-        lease = Lease(secrets.token_hex(8), vm, pool, source, client, ttl_s)
-        await asyncio.to_thread(self._records.save, vm, Role.LEASED, pool, lease.record())
+    async def add(self, lease: Lease) -> Lease:
+        """Record a new lease (synced to the store, off the event loop) and return it.
+        A caller cancelled meanwhile still waits for the write, so whoever stops
+        the VM next also drops its record."""
+        await finish(asyncio.to_thread(self._records.save, lease.vm, Role.LEASED, lease.pool,
+                                       lease.record()))
         self._leases[lease.id] = lease
         return lease
+
+    async def renew(self, lease: Lease, ttl_s: float) -> None:
+        """The lease ends ``ttl_s`` from now (recorded, so a restarted daemon agrees)."""
+        lease.ttl_s, lease.renewed = ttl_s, time.time()
+        await asyncio.to_thread(self._records.save, lease.vm, Role.LEASED, lease.pool,
+                                lease.record())
 
     async def restore(self, lease: Lease) -> None:
         """Take back a lease an earlier daemon recorded (crash recovery)."""
@@ -89,14 +112,21 @@ class LeaseTable:
         try:
             return self._leases[lease_id]
         except KeyError:
-            raise LeaseNotFound(f"no lease {lease_id!r}") from None
+            raise LeaseNotFound(f"no lease {quote(lease_id)}") from None
+
+    def owned(self, lease_id: str, caller: Caller) -> Lease:
+        """The lease, if ``caller`` may act on it (its owner, or root)."""
+        lease = self.get(lease_id)
+        if not caller.owns(lease.owner_uid):
+            raise PermissionDenied(f"lease {quote(lease_id)} belongs to another user")
+        return lease
 
     def pop(self, lease_id: str) -> Lease:
         """Forget a lease; its record goes when its VM stops."""
         try:
             return self._leases.pop(lease_id)
         except KeyError:
-            raise LeaseNotFound(f"no lease {lease_id!r}") from None
+            raise LeaseNotFound(f"no lease {quote(lease_id)}") from None
 
     def expired(self, now: float | None = None) -> list[Lease]:
         now = time.time() if now is None else now

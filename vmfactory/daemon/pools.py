@@ -300,7 +300,8 @@ class Pool(Lifecycle[PoolState]):
         return {"name": self.name, "base": self.config.base, "min_size": self.config.min_size,
                 "max_size": self.config.max_size, "ready": len(self.ready),
                 "refilling": self.refilling, "handouts": self.handouts, "misses": self.misses,
-                "replaced": self.replaced, "keep_running": self.config.keep_running}
+                "replaced": self.replaced, "keep_running": self.config.keep_running,
+                "tenant": self.config.tenant}
 
     async def close(self) -> None:
         """Stop refilling, fail waiting requests and stop every pooled VM, all of

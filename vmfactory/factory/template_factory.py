@@ -37,10 +37,13 @@ class TemplateFactory(FactoryBase):
 
     name = "template"
 
-    def __init__(self, config: Config, hypervisor: Hypervisor, direct: DirectFactory) -> None:
+    def __init__(self, config: Config, hypervisor: Hypervisor, direct: DirectFactory,
+                 tenant: str = "") -> None:
         self.config = config
         self.hypervisor = hypervisor
         self.direct = direct
+        # A tenant's template is its own: clones of different tenants share no memory.
+        self.name = f"{config.template.name}-{tenant}" if tenant else config.template.name
         self.template = self._adopt_newest()
         self._create_lock = asyncio.Lock()
         # Rotation runs here, once at a time; its failure keeps the current template.
@@ -51,7 +54,7 @@ class TemplateFactory(FactoryBase):
 
     def _adopt_newest(self) -> Template:
         """The newest saved generation of the configured template; older ones are removed."""
-        root, name = self.config.paths.template_dir, self.config.template.name
+        root, name = self.config.paths.template_dir, self.name
         found = [Template(d, self.hypervisor)
                  for d in (sorted(root.glob(f"{name}.*")) if root.is_dir() else [])]
         for broken in [t for t in found if t.state is not TemplateState.READY]:
@@ -64,7 +67,7 @@ class TemplateFactory(FactoryBase):
         return ready[-1] if ready else self._new_generation()
 
     def _new_generation(self) -> Template:
-        directory = self.config.paths.template_dir / f"{self.config.template.name}.{time.time_ns()}"
+        directory = self.config.paths.template_dir / f"{self.name}.{time.time_ns()}"
         return Template(directory, self.hypervisor)
 
     async def ensure_template(self) -> Template:

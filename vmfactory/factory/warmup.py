@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from vmfactory.agent.client import AgentClient, ProcessRequest
 from vmfactory.errors import AgentError, FactoryError
-from vmfactory.hypervisor.base import Vm
+from vmfactory.hypervisor.base import DiskImage, Vm
 from vmfactory.proto import agent_pb2 as pb
 from vmfactory.util.tasks import finish
 
@@ -34,7 +34,11 @@ async def warm_container_path(vm: Vm) -> float:
     if vm.agent is None:
         raise FactoryError(f"vm {vm.id} has no agent channel")
     t0 = time.monotonic()
-    await vm.attach_disk(vm.spec.rootfs, WARMUP_SERIAL)
+    disk = DiskImage.open_own(vm.spec.rootfs)
+    try:
+        await vm.attach_disk(disk, WARMUP_SERIAL)
+    finally:
+        disk.close()  # QEMU holds its own copy
     try:
         await _run(vm.agent, vm.timeouts.hotplug)
     finally:

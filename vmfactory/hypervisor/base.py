@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import re
+import shutil
 import secrets
 import time
 from abc import ABC, abstractmethod
@@ -28,7 +30,7 @@ import psutil
 from vmfactory.agent import AgentClient
 from vmfactory.agent.control import ControlClient
 from vmfactory.config import TimeoutsConfig, VmConfig
-from vmfactory.errors import HypervisorError, InvalidRequest, VmStateError
+from vmfactory.errors import HypervisorError, InvalidRequest, VmStateError, quote
 from vmfactory.hypervisor.proc import processes_under
 from vmfactory.util.states import Lifecycle, require
 from vmfactory.util.tasks import finish
@@ -45,7 +47,7 @@ VM_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 def check_serial(serial: str) -> None:
     """The rule for disk serials (the guest finds a disk by it), as a request error."""
     if not SERIAL_RE.match(serial):
-        raise InvalidRequest(f"serial {serial!r} must be 1-20 of [A-Za-z0-9-]")
+        raise InvalidRequest(f"serial {quote(serial)} must be 1-20 of [A-Za-z0-9-]")
 
 
 class VmState(enum.Enum):
@@ -127,6 +129,42 @@ class MemoryUsage:
         return cls(info.rss / mib, info.pss / mib, info.uss / mib)
 
 
+@dataclass
+class DiskImage:
+    """An image file opened for a VM: the hypervisor gets this descriptor, never
+    the path, so the file that was checked is the file that is attached."""
+
+    path: Path  # what the caller named, for messages and logs
+    fd: int
+    writable: bool = False
+
+    @classmethod
+    def open_own(cls, path: Path, writable: bool = False) -> DiskImage:
+        """One of the factory's own files (the guest image): no policy to apply."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            return cls(path, os.open(path, flags), writable)
+        except OSError as exc:
+            raise HypervisorError("attach-disk", f"cannot open {path}: {exc.strerror}") from exc
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def make_run_dir(path: Path, *, fresh: bool = False) -> None:
+    """A run directory: root's, and only traversable by others (mode 0711), so a
+    lessee reaches its VM's agent socket (granted to it) and nothing else.
+    ``fresh``: a VM's own directory, which must not exist yet."""
+    path.mkdir(mode=0o711, parents=True, exist_ok=not fresh)
+    os.chmod(path, 0o711)
+
+
+# What the hypervisor's processes create (sockets, logs) is root's alone until granted.
+VM_UMASK = 0o077
+
+
 def new_vm_id() -> str:
     return secrets.token_hex(4)
 
@@ -157,6 +195,9 @@ class Vm(Lifecycle[VmState], ABC):
 
     def _state_error(self, operation: str) -> Exception:
         return VmStateError(operation, self.state.value)
+
+    def _remove_run_dir(self) -> None:
+        shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _lifecycle_name(self) -> str:
         return f"vm {self.id}"
@@ -238,13 +279,23 @@ class Vm(Lifecycle[VmState], ABC):
         """Grow the VM to ``cpus`` vCPUs and ``memory_mib`` MiB (never shrinks)."""
         raise HypervisorError("hot-plug", f"{type(self).__name__} cannot hot-plug")
 
-    async def attach_disk(self, path: Path, serial: str, read_only: bool = True) -> str:
-        """Hot-plug a disk image the guest finds by ``serial``; return its device id."""
+    async def attach_disk(self, disk: DiskImage, serial: str) -> str:
+        """Hot-plug ``disk`` (the hypervisor takes its own copy of the descriptor)
+        so the guest finds it by ``serial``; return its device id.
+        AlreadyExists if a disk with that serial is attached."""
         raise HypervisorError("attach-disk", f"{type(self).__name__} cannot hot-plug disks")
 
     async def detach_disk(self, serial: str) -> None:
-        """Unplug a disk :meth:`attach_disk` added."""
+        """Unplug a disk :meth:`attach_disk` added; NotFound if there is none."""
         raise HypervisorError("detach-disk", f"{type(self).__name__} cannot hot-plug disks")
+
+    def grant(self, uid: int) -> None:
+        """Give the VM's agent and control sockets to ``uid`` (mode 0600): its lessee
+        talks to its guest; nobody else can."""
+        for sock in (self.agent_socket, self.run_dir / "ctl.sock"):
+            if sock.exists():
+                os.chown(sock, uid, -1)
+                os.chmod(sock, 0o600)
 
     async def stop(self) -> None:
         """Shut down and remove every trace; idempotent.
@@ -296,11 +347,19 @@ class Hypervisor(ABC):
         the process of the VM ``vm_id`` an earlier daemon started)."""
         if vm_id is not None and not VM_ID_RE.match(vm_id):
             raise HypervisorError("create", f"bad vm id {vm_id[:80]!r}")
-        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_run_dir(self.run_dir)
         return self.vm_class(spec, self.run_dir, self.timeouts, vm_id)
 
     def describe(self) -> dict[str, str]:
         return {"name": self.name}
+
+    def close(self) -> None:
+        """Remove ``run_dir`` if no VM is left in it (whoever made the hypervisor
+        closes it when done with its VMs)."""
+        try:
+            self.run_dir.rmdir()
+        except OSError:
+            pass  # absent, or VMs (an earlier daemon's, to recover) still there
 
     def vm_processes(self) -> dict[int, str]:
         """pid -> VM id of every live VM process of this plugin under ``run_dir``,
@@ -313,5 +372,5 @@ class Hypervisor(ABC):
         return out
 
 
-__all__ = ["BootTimings", "Hypervisor", "LIVE", "MemoryUsage", "SERIAL_RE", "Vm", "VmSpec",
-           "VmState", "check_serial"]
+__all__ = ["VM_UMASK", "BootTimings", "DiskImage", "make_run_dir", "Hypervisor", "LIVE", "MemoryUsage", "SERIAL_RE", "Vm",
+           "VmSpec", "VmState", "check_serial"]

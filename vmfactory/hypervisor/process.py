@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import sys
 import time
@@ -22,7 +21,7 @@ import psutil
 
 from vmfactory.agent import AgentClient
 from vmfactory.errors import HypervisorError
-from vmfactory.hypervisor.base import Hypervisor, Vm, VmState
+from vmfactory.hypervisor.base import VM_UMASK, Hypervisor, Vm, VmState, make_run_dir
 from vmfactory.hypervisor.proc import AdoptedProcess, ChildProcess, ProcessHandle
 from vmfactory.util.states import require
 
@@ -47,12 +46,12 @@ class ProcessVm(Vm):
 
     async def _spawn(self) -> None:
         t0 = time.monotonic()
-        self.run_dir.mkdir(mode=0o700, parents=True)
+        make_run_dir(self.run_dir, fresh=True)
         self._proc = ChildProcess(await asyncio.create_subprocess_exec(
             sys.executable, "-m", AGENT_MODULE, "--standin",
             "--listen", f"unix:{self.agent_socket}",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True))
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True, umask=VM_UMASK))
         self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
         await self._connect_agent()
         self.timings.agent_ready_ms = (time.monotonic() - t0) * 1000
@@ -106,7 +105,7 @@ class ProcessVm(Vm):
         await self.disconnect_agent()
         if self._proc is not None:
             await self._proc.kill()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._remove_run_dir()
 
 
 class ProcessHypervisor(Hypervisor):

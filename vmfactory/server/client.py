@@ -23,33 +23,44 @@ DEFAULT_SOCKET = "/run/vmfactory/factory.sock"
 class FactoryClient:
     """One channel to the daemon; methods raise vmfactory errors."""
 
-    def __init__(self, socket: str | Path = DEFAULT_SOCKET, timeout: float = 60.0) -> None:
+    def __init__(self, socket: str | Path = DEFAULT_SOCKET, timeout: float = 60.0, *,
+                 tcp: str = "", token: str = "") -> None:
+        """Talk to the daemon on its unix ``socket``, or on its loopback ``tcp``
+        listener (``HOST:PORT``) presenting ``token`` (the daemon's token file)."""
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(f"unix:{socket}")
+        self._metadata = (("authorization", f"Bearer {token}"),) if tcp else ()
+        self._channel = grpc.aio.insecure_channel(tcp or f"unix:{socket}")
         self._stub = pb_grpc.FactoryStub(self._channel)
 
     async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await method(request, timeout=timeout or self.timeout)
+            return await method(request, timeout=timeout or self.timeout,
+                                metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from exc
 
     async def get_vm(self, cpus: int = 0, memory_mib: int = 0, *, base: str = "",
                      image: str = "", lease_ttl_s: float = 0.0, client: str = "",
-                     timeout: float | None = None) -> pb.VMHandle:
+                     tenant: str = "", timeout: float | None = None) -> pb.VMHandle:
         """A leased, ready VM; ``timeout`` is also how long an empty pool may make us wait."""
         request = pb.GetVMRequest(
             config=pb.VMConfig(cpus=cpus, memory_mib=memory_mib, base=base, image=image),
-            lease_ttl_s=lease_ttl_s, client=client)
+            lease_ttl_s=lease_ttl_s, client=client, tenant=tenant)
         return await self._call(self._stub.GetVM, request, timeout)
 
     async def release(self, lease_id: str) -> None:
         await self._call(self._stub.ReleaseVM, pb.ReleaseVMRequest(lease_id=lease_id))
 
-    async def attach_disk(self, lease_id: str, path: Path, serial: str) -> str:
-        """Hot-plug a read-only disk image into the leased VM."""
+    async def renew(self, lease_id: str, ttl_s: float) -> None:
+        """The lease now ends ``ttl_s`` from now."""
+        await self._call(self._stub.RenewLease, pb.RenewLeaseRequest(lease_id=lease_id,
+                                                                     ttl_s=ttl_s))
+
+    async def attach_disk(self, lease_id: str, path: Path, serial: str, *,
+                          writable: bool = False) -> str:
+        """Hot-plug a disk image into the leased VM (read-only unless ``writable``)."""
         request = pb.AttachDiskRequest(lease_id=lease_id, path=str(path), serial=serial,
-                                       read_only=True)
+                                       writable=writable)
         return (await self._call(self._stub.AttachDisk, request)).device_id
 
     async def detach_disk(self, lease_id: str, serial: str) -> None:
@@ -66,7 +77,7 @@ class FactoryClient:
         await self._call(self._stub.Quit, pb.QuitRequest())
 
     async def watch(self) -> AsyncIterator[pb.PoolEvent]:
-        call = self._stub.Watch(pb.WatchRequest())
+        call = self._stub.Watch(pb.WatchRequest(), metadata=self._metadata)
         try:
             async for event in call:
                 yield event

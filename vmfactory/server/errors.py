@@ -18,9 +18,9 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from vmfactory.errors import (
-    AgentError, BackgroundFailure, ConfigError, DaemonError, DaemonUnavailable, FactoryError,
-    HypervisorError, InvalidRequest, LeaseNotFound, NotFound, PoolEmpty, StoreError,
-    TemplateError, VmFactoryError,
+    AgentError, AlreadyExists, BackgroundFailure, ConfigError, DaemonError, DaemonUnavailable,
+    FactoryError, HypervisorError, InvalidRequest, LeaseNotFound, NotFound, PermissionDenied,
+    PoolEmpty, ResourceExhausted, StoreError, TemplateError, VmFactoryError,
 )
 
 logger = logging.getLogger(__name__)
@@ -31,8 +31,11 @@ REASON_KEY = "vmfactory-error"
 STATUS_FOR: tuple[tuple[type[VmFactoryError], grpc.StatusCode], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
     (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (LeaseNotFound, grpc.StatusCode.NOT_FOUND),
     (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PoolEmpty, grpc.StatusCode.DEADLINE_EXCEEDED),
     (DaemonUnavailable, grpc.StatusCode.UNAVAILABLE),
     (BackgroundFailure, grpc.StatusCode.UNAVAILABLE),

@@ -6,11 +6,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from vmfactory.errors import HypervisorError
-from vmfactory.hypervisor.base import SERIAL_RE
+from vmfactory.errors import HypervisorError, ResourceExhausted
+from vmfactory.hypervisor.base import SERIAL_RE, DiskImage
 from vmfactory.hypervisor.qemu.argv import DISK_PORTS
 from vmfactory.util.tasks import finish
 
@@ -43,22 +43,50 @@ async def plug_memory(qmp: Qmp, have_mib: int, mib: int) -> int:
     return size
 
 
-async def attach_disk(qmp: Qmp, path: Path, serial: str, read_only: bool) -> str:
-    """Hot-plug ``path`` as a virtio-blk disk the guest finds by ``serial``; its node name."""
+@dataclass(frozen=True)
+class PluggedDisk:
+    """What a hot-plugged disk left in QEMU: its block node and its fd set."""
+
+    node: str
+    fdset: int
+
+
+async def attach_disk(qmp: Qmp, send_fd: Callable[[int], None], disk: DiskImage,
+                      serial: str) -> PluggedDisk:
+    """Hot-plug ``disk`` as a virtio-blk disk the guest finds by ``serial``.  QEMU
+    gets the open descriptor (``add-fd``), never a path it would resolve itself.
+    The caller serializes attaches (a passed fd goes to the next add-fd)."""
     if not SERIAL_RE.match(serial):
         raise HypervisorError("attach-disk", f"serial {serial!r} must match {SERIAL_RE.pattern}")
-    if not path.is_file():
-        raise HypervisorError("attach-disk", f"disk image not found: {path}")
+    send_fd(disk.fd)
+    fdset = (await qmp("add-fd", opaque=f"disk {serial}"))["fdset-id"]
     node = f"disk-{serial}"
-    await qmp("blockdev-add", **{
-        "node-name": node, "driver": "raw", "read-only": read_only,
-        "file": {"driver": "file", "filename": str(path), "read-only": read_only}})
+    try:
+        await qmp("blockdev-add", **{
+            "node-name": node, "driver": "raw", "read-only": not disk.writable,
+            "file": {"driver": "file", "filename": f"/dev/fdset/{fdset}",
+                     "read-only": not disk.writable}})
+    except BaseException:
+        await finish(_drop_fdset(qmp, fdset))
+        raise
     try:
         await _plug_disk(qmp, node, serial)
     except BaseException:
-        await finish(drop_node(qmp, node))
+        await finish(_drop(qmp, PluggedDisk(node, fdset)))
         raise
-    return node
+    return PluggedDisk(node, fdset)
+
+
+async def _drop(qmp: Qmp, disk: PluggedDisk, deadline: float = 0.0) -> None:
+    await drop_node(qmp, disk.node, deadline)
+    await _drop_fdset(qmp, disk.fdset)
+
+
+async def _drop_fdset(qmp: Qmp, fdset: int) -> None:
+    try:
+        await qmp("remove-fd", **{"fdset-id": fdset})
+    except HypervisorError as exc:
+        logger.warning("remove-fd %d: %s", fdset, exc)
 
 
 async def _plug_disk(qmp: Qmp, node: str, serial: str) -> None:
@@ -73,7 +101,7 @@ async def _plug_disk(qmp: Qmp, node: str, serial: str) -> None:
         except HypervisorError as exc:
             if "not available" not in str(exc):  # that port is taken: try the next
                 raise
-    raise HypervisorError("attach-disk", f"all {DISK_PORTS} disk ports are in use")
+    raise ResourceExhausted(f"all {DISK_PORTS} disk ports of the VM are in use")
 
 
 async def drop_node(qmp: Qmp, node: str, deadline: float = 0.0) -> None:
@@ -91,15 +119,15 @@ async def drop_node(qmp: Qmp, node: str, deadline: float = 0.0) -> None:
             return
 
 
-async def detach_disk(qmp: Qmp, serial: str, timeout: float) -> None:
+async def detach_disk(qmp: Qmp, disk: PluggedDisk, timeout: float) -> None:
     """Unplug a disk attach_disk added, within ``timeout`` (the guest must have
-    unmounted it)."""
-    node = f"disk-{serial}"
-    await qmp("device_del", id=node)
+    unmounted it), then let go of its node and descriptor."""
+    await qmp("device_del", id=disk.node)
     deadline = time.monotonic() + timeout
-    while any(d["name"] == node for d in await qmp("qom-list", path="/machine/peripheral")):
+    while any(d["name"] == disk.node
+              for d in await qmp("qom-list", path="/machine/peripheral")):
         if time.monotonic() > deadline:
-            raise HypervisorError("detach-disk", f"the guest did not release {node} within "
-                                                 f"{timeout:g} s")
+            raise HypervisorError("detach-disk", f"the guest did not release {disk.node} "
+                                                 f"within {timeout:g} s")
         await asyncio.sleep(DISK_POLL_S)
-    await drop_node(qmp, node, deadline)
+    await _drop(qmp, disk, deadline)

@@ -21,8 +21,10 @@ from qemu.qmp import ConnectError, QMPClient, QMPError
 
 from vmfactory.agent import AgentClient
 from vmfactory.agent.control import ControlClient
-from vmfactory.errors import AgentError, HypervisorError
-from vmfactory.hypervisor.base import LIVE, Hypervisor, Vm, VmState
+from vmfactory.errors import AgentError, AlreadyExists, HypervisorError, NotFound, quote
+from vmfactory.hypervisor.base import (
+    LIVE, VM_UMASK, DiskImage, Hypervisor, Vm, VmState, make_run_dir,
+)
 from vmfactory.hypervisor.proc import QEMU_MARKER, AdoptedProcess, ChildProcess, ProcessHandle
 from vmfactory.hypervisor.qemu import hotplug, migration
 from vmfactory.hypervisor.qemu.argv import last_line, qemu_argv
@@ -43,6 +45,9 @@ class QemuVm(Vm):
         super().__init__(*args, **kwargs)
         self._proc: ProcessHandle | None = None
         self._qmp: QMPClient | None = None
+        self._disks: dict[str, hotplug.PluggedDisk] = {}
+        # Passing a descriptor and the add-fd that takes it must not interleave.
+        self._disk_lock = asyncio.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -63,7 +68,7 @@ class QemuVm(Vm):
     async def _boot(self) -> None:
         t0 = time.monotonic()
         self._check_inputs()
-        self.run_dir.mkdir(mode=0o700, parents=True)
+        make_run_dir(self.run_dir, fresh=True)
         await self._spawn()
         await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
         self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
@@ -110,7 +115,7 @@ class QemuVm(Vm):
         with open(self.run_dir / "qemu.log", "wb") as log:
             self._proc = ChildProcess(await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True))
+                start_new_session=True, umask=VM_UMASK))
 
     async def _connect_qmp(self) -> None:
         while not self.qmp_socket.exists():
@@ -233,12 +238,27 @@ class QemuVm(Vm):
                                                          memory_mib - self.memory_mib)
 
     @require(*LIVE)
-    async def attach_disk(self, path: Path, serial: str, read_only: bool = True) -> str:
-        return await hotplug.attach_disk(self.qmp, path, serial, read_only)
+    async def attach_disk(self, disk: DiskImage, serial: str) -> str:
+        async with self._disk_lock:
+            if serial in self._disks:
+                raise AlreadyExists(f"vm {self.id} has a disk with serial {quote(serial)}")
+            plugged = await hotplug.attach_disk(self.qmp, self._send_fd, disk, serial)
+            self._disks[serial] = plugged
+        return plugged.node
+
+    def _send_fd(self, fd: int) -> None:
+        if self._qmp is None:
+            raise HypervisorError("attach-disk", "no QMP connection")
+        self._qmp.send_fd_scm(fd)
 
     @require(*LIVE)
     async def detach_disk(self, serial: str) -> None:
-        await hotplug.detach_disk(self.qmp, serial, self.timeouts.hotplug)
+        async with self._disk_lock:
+            plugged = self._disks.get(serial)
+            if plugged is None:
+                raise NotFound(f"vm {self.id} has no disk with serial {quote(serial)}")
+            await hotplug.detach_disk(self.qmp, plugged, self.timeouts.hotplug)
+            del self._disks[serial]
 
     # -- teardown --------------------------------------------------------------
     async def _teardown(self, graceful: bool) -> None:
@@ -256,7 +276,7 @@ class QemuVm(Vm):
             except (QMPError, EOFError, OSError):
                 pass  # the peer is gone already: exactly what teardown wants
         await self._reap(self.timeouts.shutdown if graceful else 0.0)
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self._remove_run_dir()
 
     async def _reap(self, grace: float) -> None:
         proc = self._proc
