@@ -194,3 +194,34 @@ async def test_requests_on_a_stopping_daemon_are_refused(root: Path) -> None:
         await daemon.get_vm(VmRequest(), soon(), ME)
     with pytest.raises(DaemonError):
         await daemon.release("x", ME)
+
+
+async def test_a_request_cancelled_at_any_point_leaves_nothing_unaccounted(root: Path) -> None:
+    """Cancel a GetVM after 0, 1, 2 ... loop turns, until one completes: at every
+    point the pool keeps no lock, no lease is left, and each VM process is either
+    pooled or a refill in flight (none is lost)."""
+    daemon = await started(standin_config(root, [{**POOL, "min_size": 2, "max_size": 4}]))
+    pool = daemon.pools["p"]
+    cancelled = 0
+    try:
+        for turns in range(10_000):
+            await until(lambda: len(pool.ready) >= 1, what="a ready VM")
+            request = asyncio.ensure_future(daemon.get_vm(VmRequest(), soon(), ME))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+            if request.done():
+                await daemon.release(request.result().id, ME)
+                break
+            request.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await request
+            cancelled += 1
+            assert not daemon.leases.values()
+            assert len(standins(root)) <= len(pool.ready) + pool.refilling
+        assert cancelled >= 5  # a handout spans several turns: each was cut once
+        await until(lambda: len(pool.ready) == 2 and pool.refilling == 0, what="pool refilled")
+        lease = await daemon.get_vm(VmRequest(), soon(), ME)  # and it still serves
+        await daemon.release(lease.id, ME)
+    finally:
+        await daemon.shutdown()
+    assert not standins(root)

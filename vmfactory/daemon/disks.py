@@ -3,9 +3,10 @@
 A disk image is accepted only under one of the configured roots
 (``daemon.disk_roots``), named by a normal absolute path, reached without
 following a single symlink (each component is opened ``O_NOFOLLOW`` relative
-to the one before), a regular file owned by root or by the caller, in
-directories the caller may enter, and readable (writable, if it asks for a
-writable disk, which also needs the caller to own the file) by the caller.  The
+to the one before), a regular file owned by root or by the caller (root may
+use any), in directories the caller may enter, and readable (writable, if it
+asks for a writable disk, which also needs the caller to own the file) by the
+caller.  The
 file is opened first as an ``O_PATH`` handle (no side effects, whatever it
 is), checked with ``fstat`` on that handle, then reopened through it: what was
 checked is what QEMU gets, a swap between check and use changes nothing.
@@ -113,7 +114,7 @@ def _check(st: os.stat_result, caller: Caller, writable: bool, shown: str) -> No
         raise PermissionDenied(f"disk path {shown} is a symlink")
     if not stat.S_ISREG(st.st_mode):
         raise InvalidRequest(f"disk image {shown} is not a regular file")
-    if st.st_uid not in (0, caller.uid):
+    if not caller.is_root and st.st_uid not in (0, caller.uid):
         raise PermissionDenied(f"disk image {shown} belongs to uid {st.st_uid}, not to "
                                f"root or {caller}")
     if not _may(caller, st, 4):

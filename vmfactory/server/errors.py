@@ -10,6 +10,7 @@ client's own deadline) maps to the first class in the table with that code.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -26,6 +27,8 @@ from vmfactory.errors import (
 logger = logging.getLogger(__name__)
 
 REASON_KEY = "vmfactory-error"
+# Status details travel in a header: bounded well under gRPC's metadata limit.
+MAX_DETAILS = 1024
 
 # Most specific first: the first class an error is an instance of decides.
 STATUS_FOR: tuple[tuple[type[VmFactoryError], grpc.StatusCode], ...] = (
@@ -123,11 +126,22 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+def public_message(exc: VmFactoryError, code: grpc.StatusCode) -> str:
+    """What the caller is told: the error's message, bounded; for an INTERNAL one
+    (a QMP or store failure's raw text is for the operator, not the caller) a
+    short line with a reference to the full message in the daemon's log."""
+    if code is grpc.StatusCode.INTERNAL:
+        ref = secrets.token_hex(4)
+        logger.error("request failed [%s]: %s: %s", ref, type(exc).__name__, exc)
+        return f"{_wire_class(exc).__name__}: the daemon could not do this [{ref} in its log]"
+    message = str(exc)
+    return message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS] + "..."
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: VmFactoryError) -> None:
     code = status_code(exc)
-    if code is grpc.StatusCode.INTERNAL:
-        logger.error("request failed: %s", exc)
-    await context.abort(code, str(exc), ((REASON_KEY, _wire_class(exc).__name__),))
+    await context.abort(code, public_message(exc, code),
+                        ((REASON_KEY, _wire_class(exc).__name__),))
 
 
 def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -136,8 +150,10 @@ def _wrap_unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[An
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         try:
             return await fn(request, context)
-        except VmFactoryError as exc:
-            await _abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug: logged with its traceback, not sent
+            await _abort(context, _known(exc))
     return handler
 
 
@@ -148,6 +164,17 @@ def _wrap_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIt
         try:
             async for item in fn(request, context):
                 yield item
-        except VmFactoryError as exc:
-            await _abort(context, exc)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as in _wrap_unary
+            await _abort(context, _known(exc))
     return handler
+
+
+def _known(exc: Exception) -> VmFactoryError:
+    """``exc`` if it is one of ours; any other exception is a bug: its traceback
+    goes to the log, the caller gets INTERNAL."""
+    if isinstance(exc, VmFactoryError):
+        return exc
+    logger.error("request handler failed", exc_info=exc)
+    return VmFactoryError(f"{type(exc).__name__} in the daemon")
