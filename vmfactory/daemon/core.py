@@ -30,10 +30,13 @@ from vmfactory.daemon.leases import Lease, LeaseTable, VmSource, new_lease_id
 from vmfactory.daemon.pools import Pool
 from vmfactory.daemon.records import VmRecords
 from vmfactory.daemon.recovery import Recovery, RecoveryReport
-from vmfactory.daemon.requests import VmRequest, check_lease_id, check_seconds
+from vmfactory.daemon.requests import (
+    MAX_LEASE_ID, VmRequest, check_lease_id, check_seconds, check_text,
+)
 from vmfactory.daemon.status import daemon_status
 from vmfactory.errors import (
-    BackgroundFailure, ConfigError, DaemonError, InvalidRequest, PermissionDenied, quote,
+    BackgroundFailure, ConfigError, DaemonError, InvalidRequest, PermissionDenied, PoolEmpty,
+    quote,
 )
 from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.direct import DirectFactory
@@ -219,14 +222,19 @@ class Daemon(Lifecycle[DaemonState]):
             vm = await self._base(req.base or "template", req.tenant).get_vm(vm_config)
             source = VmSource.made(vm)
         lease = Lease(new_lease_id(), vm, pool.name if pool else "", source, req.client, ttl,
-                      caller.uid, req.tenant)
+                      caller.uid, req.tenant, request_id=req.request_id)
         try:
             await vm.hand_over_agent()
             vm.grant(caller.uid)
-            return await self.leases.add(lease)
+            await self.leases.add(lease)
         except BaseException:
             await finish(vm.stop())  # not leased, so nobody would ever stop it
             raise
+        if self.leases.was_withdrawn(lease):  # while it was being handed out
+            self.leases.pop(lease.id)
+            await self._end_lease(lease, EventKind.RECLAIMED, "withdrawn by its caller")
+            raise PoolEmpty("the request was withdrawn before its VM was ready")
+        return lease
 
     @require(DaemonState.SERVING)
     async def renew(self, lease_id: str, ttl_s: float, caller: Caller) -> None:
@@ -260,6 +268,24 @@ class Daemon(Lifecycle[DaemonState]):
         self.leases.owned(check_lease_id(lease_id), caller)
         lease = self.leases.pop(lease_id)
         await self._end_lease(lease, EventKind.RELEASED, f"released by {caller}")
+
+    @require(DaemonState.SERVING)
+    async def withdraw(self, request_id: str, caller: Caller) -> None:
+        """The caller gave up on its GetVM ``request_id``: the lease it made (or
+        will make) ends; nothing happens for an id nobody used."""
+        lease = self.leases.withdraw(check_text("request_id", request_id, MAX_LEASE_ID),
+                                     caller)
+        if lease is not None:
+            await self._end_lease(lease, EventKind.RECLAIMED, "withdrawn by its caller")
+
+    def abandon(self, lease: Lease) -> None:
+        """The caller never learnt of ``lease`` (its call ended before the reply
+        reached it): end it in the background."""
+        if lease.id in self.leases:
+            logger.info("lease %s was never delivered: reclaiming vm %s", lease.id, lease.vm.id)
+            self.leases.pop(lease.id)
+            self._tasks.spawn(f"abandon-{lease.id}", self._end_lease, lease, EventKind.RECLAIMED,
+                              "the caller left before its reply")
 
     async def _end_lease(self, lease: Lease, kind: EventKind, why: str) -> None:
         self.events.publish(PoolEvent(lease.pool, kind, lease.vm.id, why))

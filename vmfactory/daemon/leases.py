@@ -52,6 +52,7 @@ class Lease:
     tenant: str = ""
     created: float = field(default_factory=time.time)
     renewed: float = 0.0
+    request_id: str = ""
 
     @property
     def expires(self) -> float | None:
@@ -70,13 +71,22 @@ class Lease:
                    float(record.get("renewed", 0.0)))
 
 
+# How long a withdrawn request id is remembered, for a GetVM still on its way.
+WITHDRAWN_KEEP_S = 120.0
+WITHDRAWN_MAX = 10_000
+
+
 class LeaseTable:
     """Leases in memory; each is persisted inside its VM's record (one synced
-    write per handout: see VmRecords), so a restarted daemon can restore it."""
+    write per handout: see VmRecords), so a restarted daemon can restore it.
+
+    A caller that gave up on a GetVM withdraws it by its request id: the lease it
+    made ends, or, when the withdrawal arrives first, the lease it makes later."""
 
     def __init__(self, records: VmRecords) -> None:
         self._records = records
         self._leases: dict[str, Lease] = {}
+        self._withdrawn: dict[tuple[int, str], float] = {}
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -127,6 +137,24 @@ class LeaseTable:
             return self._leases.pop(lease_id)
         except KeyError:
             raise LeaseNotFound(f"no lease {quote(lease_id)}") from None
+
+    def withdraw(self, request_id: str, caller: Caller) -> Lease | None:
+        """The caller's lease made for ``request_id``, popped; None (and the id is
+        remembered, so that lease ends as soon as it is made) if there is none yet."""
+        for lease in self._leases.values():
+            if lease.request_id == request_id and lease.owner_uid == caller.uid:
+                return self._leases.pop(lease.id)
+        now = time.monotonic()
+        self._withdrawn = {k: t for k, t in self._withdrawn.items()
+                           if now - t < WITHDRAWN_KEEP_S}
+        if len(self._withdrawn) < WITHDRAWN_MAX:
+            self._withdrawn[(caller.uid, request_id)] = now
+        return None
+
+    def was_withdrawn(self, lease: Lease) -> bool:
+        """Whether the request that made ``lease`` was withdrawn before it came."""
+        key = (lease.owner_uid, lease.request_id)
+        return bool(lease.request_id) and self._withdrawn.pop(key, None) is not None
 
     def expired(self, now: float | None = None) -> list[Lease]:
         now = time.time() if now is None else now

@@ -53,6 +53,7 @@ class VmRequest:
     lease_ttl_s: float = 0.0
     client: str = ""
     tenant: str = ""
+    request_id: str = ""
 
     def checked(self) -> VmRequest:
         """This request if its strings are bounded and its numbers in range."""
@@ -60,6 +61,7 @@ class VmRequest:
         check_text("base", self.base, MAX_NAME)
         check_text("client", self.client, MAX_CLIENT)
         check_text("tenant", self.tenant, MAX_NAME)
+        check_text("request_id", self.request_id, MAX_LEASE_ID)
         if self.cpus < 0 or self.memory_mib < 0:
             raise InvalidRequest(f"cpus and memory_mib must not be negative, not "
                                  f"{quote(self.cpus)} / {quote(self.memory_mib)}")

@@ -7,17 +7,25 @@ table in ``server.errors``, inverted); no daemon on the socket is
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 
+from vmfactory.errors import PoolEmpty, VmFactoryError
 from vmfactory.proto import factory_pb2 as pb
 from vmfactory.proto import factory_pb2_grpc as pb_grpc
 from vmfactory.server.errors import error_from_rpc
+from vmfactory.util.tasks import Supervisor
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/run/vmfactory/factory.sock"
+WITHDRAW_TIMEOUT_S = 5.0
 
 
 class FactoryClient:
@@ -31,6 +39,7 @@ class FactoryClient:
         self._metadata = (("authorization", f"Bearer {token}"),) if tcp else ()
         self._channel = grpc.aio.insecure_channel(tcp or f"unix:{socket}")
         self._stub = pb_grpc.FactoryStub(self._channel)
+        self._tasks = Supervisor("factory-client")
 
     async def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
         try:
@@ -42,11 +51,27 @@ class FactoryClient:
     async def get_vm(self, cpus: int = 0, memory_mib: int = 0, *, base: str = "",
                      image: str = "", lease_ttl_s: float = 0.0, client: str = "",
                      tenant: str = "", timeout: float | None = None) -> pb.VMHandle:
-        """A leased, ready VM; ``timeout`` is also how long an empty pool may make us wait."""
+        """A leased, ready VM; ``timeout`` is also how long an empty pool may make us wait.
+
+        A call that gives up (its deadline, or the caller cancelled it) withdraws its
+        request in the background: a VM leased as the reply was lost goes back."""
         request = pb.GetVMRequest(
             config=pb.VMConfig(cpus=cpus, memory_mib=memory_mib, base=base, image=image),
-            lease_ttl_s=lease_ttl_s, client=client, tenant=tenant)
-        return await self._call(self._stub.GetVM, request, timeout)
+            lease_ttl_s=lease_ttl_s, client=client, tenant=tenant,
+            request_id=secrets.token_hex(8))
+        try:
+            return await self._call(self._stub.GetVM, request, timeout)
+        except (asyncio.CancelledError, PoolEmpty):
+            self._tasks.spawn(f"withdraw-{request.request_id}", self._withdraw,
+                              request.request_id)
+            raise
+
+    async def _withdraw(self, request_id: str) -> None:
+        try:
+            await self._call(self._stub.ReleaseVM, pb.ReleaseVMRequest(request_id=request_id),
+                             WITHDRAW_TIMEOUT_S)
+        except VmFactoryError as exc:  # the daemon's TTL (if any) ends the lease then
+            logger.warning("withdrawing GetVM %s: %s", request_id, exc)
 
     async def release(self, lease_id: str) -> None:
         await self._call(self._stub.ReleaseVM, pb.ReleaseVMRequest(lease_id=lease_id))
@@ -85,6 +110,8 @@ class FactoryClient:
             raise error_from_rpc(exc) from exc
 
     async def close(self) -> None:
+        """Wait for withdrawals still on their way, then close the channel."""
+        await self._tasks.close_when_done(WITHDRAW_TIMEOUT_S)
         await self._channel.close()
 
     async def __aenter__(self) -> FactoryClient:

@@ -123,6 +123,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream), deserializer, handler.response_serializer)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_bidi(handler.stream_stream), deserializer, handler.response_serializer)
         return handler
 
 
@@ -163,6 +166,24 @@ def _wrap_stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIt
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         try:
             async for item in fn(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - as in _wrap_unary
+            await _abort(context, _known(exc))
+    return handler
+
+
+def _wrap_bidi(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def handler(requests: AsyncIterator[Any],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def parsed() -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Malformed):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+                yield request
+        try:
+            async for item in fn(parsed(), context):
                 yield item
         except grpc.aio.AbortError:
             raise

@@ -76,17 +76,24 @@ class FactoryService(pb_grpc.FactoryServicer):
         lease = await self.daemon.get_vm(
             VmRequest(cpus=c.cpus, memory_mib=c.memory_mib, image=c.image, base=c.base,
                       lease_ttl_s=request.lease_ttl_s, client=request.client,
-                      tenant=request.tenant), deadline, caller)
+                      tenant=request.tenant, request_id=request.request_id), deadline, caller)
         if remaining is not None and (context.time_remaining() or 0) <= 0:
             # The caller is gone (its deadline passed as the VM was leased): nobody
             # would ever learn the lease id, so the lease ends here.
             await self.daemon.release(lease.id, caller)
             raise PoolEmpty("the deadline passed while the VM was handed out")
+        # If the reply never reaches the caller (it gave up as it was sent), the
+        # lease has no holder: it ends when the call ends cancelled.
+        context.add_done_callback(lambda done: done.cancelled() and self.daemon.abandon(lease))
         return _handle(lease, (time.monotonic() - start) * 1000)
 
     async def ReleaseVM(self, request: pb.ReleaseVMRequest,
                         context: grpc.aio.ServicerContext) -> pb.ReleaseVMReply:
-        await self.daemon.release(request.lease_id, self.callers.of(context))
+        caller = self.callers.of(context)
+        if request.request_id and not request.lease_id:
+            await self.daemon.withdraw(request.request_id, caller)
+        else:
+            await self.daemon.release(request.lease_id, caller)
         return pb.ReleaseVMReply()
 
     async def RenewLease(self, request: pb.RenewLeaseRequest,

@@ -136,6 +136,12 @@ class Supervisor:
         if policy is Policy.FATAL and self._on_fatal is not None:
             self._on_fatal(f"{self.name}:{name}", exc)
 
+    async def close_when_done(self, timeout: float) -> None:
+        """Let the tasks finish for up to ``timeout`` seconds, then :meth:`close`."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+        await self.close()
+
     async def close(self) -> None:
         """Cancel every task and wait until all have ended; idempotent, never raises."""
         self._closed = True
