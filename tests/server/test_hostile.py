@@ -245,3 +245,14 @@ async def test_afterwards_the_daemon_serves_and_holds_no_lease(daemon: DaemonPro
         await client.release(handle.lease_id)
         with pytest.raises(VmFactoryError):
             await client.release(handle.lease_id)
+
+
+async def test_sigterm_after_all_that_stops_it_within_its_grace(daemon: DaemonProc) -> None:
+    async with FactoryClient(daemon.socket) as client:
+        await settled(client)
+    start = time.monotonic()
+    daemon.proc.send_signal(15)
+    code = await asyncio.to_thread(daemon.proc.wait, 60)
+    assert code == 0, daemon.log()[-2000:]
+    # The grace (10 s) bounds calls in flight; none are, so stopping is the VMs' teardown.
+    assert time.monotonic() - start < 10, daemon.log()[-2000:]
