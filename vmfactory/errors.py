@@ -11,14 +11,15 @@ Every error raised on purpose by the ``vmfactory`` package derives from
     │   └── LeaseNotFound
     ├── AlreadyExists        that name is taken (a disk serial ...)
     ├── ResourceExhausted    no room left (a VM's disk ports ...)
+    ├── DeadlineExceeded     the caller's deadline passed before it was served
+    │   └── PoolEmpty        no VM became ready before the caller's deadline
     ├── ImageError           the guest image cannot be built
     ├── HypervisorError      a VM could not be started, driven or stopped (.step)
     │   └── VmStateError     an operation in a state that does not allow it
     ├── AgentError           the guest agent did not answer, or refused (.call)
     │   └── GuestError ...   what the agent answers with: vmfactory.guest.agent.errors
     ├── FactoryError         no VM could be made for a request
-    │   ├── TemplateError    a template is missing, broken, stale or busy
-    │   └── PoolEmpty        no VM became ready before the caller's deadline
+    │   └── TemplateError    a template is missing, broken, stale or busy
     ├── DaemonError          the daemon cannot start, or is stopping
     │   ├── DaemonUnavailable  no daemon answers (client side)
     │   └── BackgroundFailure  a background loop the daemon needs failed
@@ -140,7 +141,11 @@ class TemplateError(FactoryError):
     """A template is missing, broken, stale or used in the wrong state."""
 
 
-class PoolEmpty(FactoryError):
+class DeadlineExceeded(VmFactoryError):
+    """The caller's deadline passed before its request was served."""
+
+
+class PoolEmpty(DeadlineExceeded):
     """No VM became ready before the caller's deadline."""
 
 

@@ -15,7 +15,7 @@ from tests.daemon.conftest import ME, POOL, standin_config, standin_hypervisor, 
 from vmfactory.daemon.core import VmRequest
 from vmfactory.daemon.events import EventKind
 from vmfactory.daemon.leases import VmSource
-from vmfactory.errors import DaemonError, InvalidRequest, LeaseNotFound, PoolEmpty
+from vmfactory.errors import DaemonError, DeadlineExceeded, LeaseNotFound, PoolEmpty
 from vmfactory.hypervisor.base import VmState
 from vmfactory.hypervisor.process import ProcessHypervisor, ProcessVm
 
@@ -69,7 +69,7 @@ async def test_miss_past_the_deadline_is_pool_empty(root: Path) -> None:
         with pytest.raises(PoolEmpty):
             await daemon.get_vm(VmRequest(), time.monotonic() + 0.3, ME)
         assert 0.25 < time.monotonic() - start < 5
-        with pytest.raises(InvalidRequest, match="deadline"):
+        with pytest.raises(DeadlineExceeded, match="deadline passed before"):
             await daemon.get_vm(VmRequest(), time.monotonic() - 1, ME)
         assert not daemon.leases.values() and not standins(root)
     finally:

@@ -35,8 +35,8 @@ from vmfactory.daemon.requests import (
 )
 from vmfactory.daemon.status import daemon_status
 from vmfactory.errors import (
-    BackgroundFailure, ConfigError, DaemonError, InvalidRequest, PermissionDenied, PoolEmpty,
-    quote,
+    BackgroundFailure, ConfigError, DaemonError, DeadlineExceeded, InvalidRequest,
+    PermissionDenied, quote,
 )
 from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.direct import DirectFactory
@@ -213,7 +213,7 @@ class Daemon(Lifecycle[DaemonState]):
             caller.require_group(req.tenant)
         ttl = self._lease_ttl(req.lease_ttl_s, caller)
         if deadline <= time.monotonic():
-            raise InvalidRequest("the request's deadline has already passed")
+            raise DeadlineExceeded("the request's deadline passed before it was served")
         vm_config = self._vm_config(req)
         pool = self._pool_for(vm_config, req.base, req.tenant)
         if pool is not None:
@@ -233,7 +233,7 @@ class Daemon(Lifecycle[DaemonState]):
         if self.leases.was_withdrawn(lease):  # while it was being handed out
             self.leases.pop(lease.id)
             await self._end_lease(lease, EventKind.RECLAIMED, "withdrawn by its caller")
-            raise PoolEmpty("the request was withdrawn before its VM was ready")
+            raise DeadlineExceeded("the request was withdrawn before its VM was ready")
         return lease
 
     @require(DaemonState.SERVING)

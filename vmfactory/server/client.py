@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from vmfactory.errors import PoolEmpty, VmFactoryError
+from vmfactory.errors import DeadlineExceeded, VmFactoryError
 from vmfactory.proto import factory_pb2 as pb
 from vmfactory.proto import factory_pb2_grpc as pb_grpc
 from vmfactory.server.errors import error_from_rpc
@@ -61,7 +61,7 @@ class FactoryClient:
             request_id=secrets.token_hex(8))
         try:
             return await self._call(self._stub.GetVM, request, timeout)
-        except (asyncio.CancelledError, PoolEmpty):
+        except (asyncio.CancelledError, DeadlineExceeded):
             self._tasks.spawn(f"withdraw-{request.request_id}", self._withdraw,
                               request.request_id)
             raise

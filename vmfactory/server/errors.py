@@ -20,6 +20,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 
 from vmfactory.errors import (
     AgentError, AlreadyExists, BackgroundFailure, ConfigError, DaemonError, DaemonUnavailable,
+    DeadlineExceeded,
     FactoryError, HypervisorError, InvalidRequest, LeaseNotFound, NotFound, PermissionDenied,
     PoolEmpty, ResourceExhausted, StoreError, TemplateError, VmFactoryError,
 )
@@ -40,6 +41,7 @@ STATUS_FOR: tuple[tuple[type[VmFactoryError], grpc.StatusCode], ...] = (
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (PoolEmpty, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (DaemonUnavailable, grpc.StatusCode.UNAVAILABLE),
     (BackgroundFailure, grpc.StatusCode.UNAVAILABLE),
     (DaemonError, grpc.StatusCode.UNAVAILABLE),

@@ -14,7 +14,7 @@ from vmfactory.daemon.callers import Caller
 from vmfactory.daemon.core import Daemon
 from vmfactory.daemon.leases import Lease
 from vmfactory.daemon.requests import VmRequest
-from vmfactory.errors import PermissionDenied, PoolEmpty
+from vmfactory.errors import DeadlineExceeded, PermissionDenied
 from vmfactory.proto import factory_pb2 as pb
 from vmfactory.proto import factory_pb2_grpc as pb_grpc
 from vmfactory.server.peers import PeerGate
@@ -81,7 +81,7 @@ class FactoryService(pb_grpc.FactoryServicer):
             # The caller is gone (its deadline passed as the VM was leased): nobody
             # would ever learn the lease id, so the lease ends here.
             await self.daemon.release(lease.id, caller)
-            raise PoolEmpty("the deadline passed while the VM was handed out")
+            raise DeadlineExceeded("the deadline passed while the VM was handed out")
         # If the reply never reaches the caller (it gave up as it was sent), the
         # lease has no holder: it ends when the call ends cancelled.
         context.add_done_callback(lambda done: done.cancelled() and self.daemon.abandon(lease))
