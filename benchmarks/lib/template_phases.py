@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,26 +94,41 @@ async def prepared_ms(vm: Vm) -> float:
     return round((time.monotonic() - t) * 1000, 3)
 
 
-async def latency_cold(bench: Bench, n: int,
-                       stopped_early: dict[str, str]) -> list[dict[str, float]]:
+Measure = Callable[[Vm], Awaitable[dict[str, float]]]
+
+
+async def latency_runs(bench: Bench, n: int, stopped_early: dict[str, str], kind: str,
+                       measure: Measure, line: Callable[[dict[str, float]], str]
+                       ) -> list[dict[str, float]]:
+    """``n`` VMs of ``kind`` (direct: a boot, clone: a clone), each measured then
+    stopped; fewer when host memory runs low (noted in ``stopped_early``)."""
+    label = "cold boot" if kind == "direct" else "clone"
     runs = []
     for i in range(n):
         try:
-            vm = await bench.boot()
+            vm = await (bench.boot() if kind == "direct" else bench.clone())
         except MemoryLow as exc:
-            progress(f"{PREFIX} [{i + 1}/{n}] cold boot: stopping early: {exc}")
-            stopped_early["latency_cold"] = str(exc)
+            progress(f"{PREFIX} [{i + 1}/{n}] {label}: stopping early: {exc}")
+            stopped_early["latency_cold" if kind == "direct" else "latency_clone"] = str(exc)
             break
         try:
-            mem = vm.memory()
-            run = {**vm.timings.as_dict(), "rss_mib": round(mem.rss_mib, 3),
-                   "pss_mib": round(mem.pss_mib, 3), "uss_mib": round(mem.uss_mib, 3)}
+            run = await measure(vm)
         finally:
             await bench.stop([vm])
-        bench.note_rss("direct", run["rss_mib"])
-        progress(f"{PREFIX} [{i + 1}/{n}] cold boot: agent ready in {run['agent_ready_ms']:.0f} ms")
+        progress(f"{PREFIX} [{i + 1}/{n}] {label}: {line(run)}")
         runs.append(run)
     return runs
+
+
+async def latency_cold(bench: Bench, n: int,
+                       stopped_early: dict[str, str]) -> list[dict[str, float]]:
+    async def measure(vm: Vm) -> dict[str, float]:
+        mem = vm.memory()
+        bench.note_rss("direct", mem.rss_mib)
+        return {**vm.timings.as_dict(), "rss_mib": round(mem.rss_mib, 3),
+                "pss_mib": round(mem.pss_mib, 3), "uss_mib": round(mem.uss_mib, 3)}
+    return await latency_runs(bench, n, stopped_early, "direct", measure,
+                              lambda r: f"agent ready in {r['agent_ready_ms']:.0f} ms")
 
 
 async def build_template(bench: Bench) -> dict[str, Any]:
@@ -134,24 +150,14 @@ async def build_template(bench: Bench) -> dict[str, Any]:
 
 async def latency_clones(bench: Bench, n: int,
                          stopped_early: dict[str, str]) -> list[dict[str, float]]:
-    runs = []
-    for i in range(n):
-        try:
-            vm = await bench.clone()
-        except MemoryLow as exc:
-            progress(f"{PREFIX} [{i + 1}/{n}] clone: stopping early: {exc}")
-            stopped_early["latency_clone"] = str(exc)
-            break
-        try:
-            run = {**vm.timings.as_dict(), "prepare_ms": await prepared_ms(vm)}
-            bench.note_rss("clone", vm.memory().rss_mib)
-        finally:
-            await bench.stop([vm])
-        progress(f"{PREFIX} [{i + 1}/{n}] clone: agent ready in {run['agent_ready_ms']:.1f} ms "
-                 f"(restored at {run['restore_ms']:.1f} ms, get-VM sequence "
-                 f"{run['prepare_ms']:.1f} ms)")
-        runs.append(run)
-    return runs
+    async def measure(vm: Vm) -> dict[str, float]:
+        run = {**vm.timings.as_dict(), "prepare_ms": await prepared_ms(vm)}
+        bench.note_rss("clone", vm.memory().rss_mib)
+        return run
+    return await latency_runs(
+        bench, n, stopped_early, "clone", measure,
+        lambda r: f"agent ready in {r['agent_ready_ms']:.1f} ms (restored at "
+                  f"{r['restore_ms']:.1f} ms, get-VM sequence {r['prepare_ms']:.1f} ms)")
 
 
 async def start_alive(bench: Bench, kind: str, alive: list[Vm]) -> tuple[dict[str, float], float]:
