@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from runtime_client.bundles.busybox import make_busybox_bundle
+from runtime_client.bundles.images import ImageCache
 from vmfactory.errors import VmFactoryError
 from vmfactory.server.client import FactoryClient
 from tests.conftest import qemu_pids_under
@@ -78,9 +80,12 @@ def test_kill_9_under_load_then_restart(guest_image: GuestImage) -> None:
 
 async def _crash_and_recover(root: Path, config: Path, d) -> None:  # type: ignore[no-untyped-def]
     socket = str(d.socket)
+    image = ImageCache(Path("/var/lib/vmfactory/bundle-images") / str(os.getuid())).image_for(
+        make_busybox_bundle(root / "bundle") / "rootfs")
     async with FactoryClient(socket) as client:
         await pool_ready(client)
         leased = [await client.get_vm(client="keeper") for _ in range(2)]
+        await client.attach_disk(leased[0].lease_id, image, "kept1")
     stop = asyncio.Event()
     churn = asyncio.create_task(_churn(socket, stop))
     await asyncio.sleep(3)
@@ -112,6 +117,9 @@ async def _crash_and_recover(root: Path, config: Path, d) -> None:  # type: igno
             status = await _settled(client)
             assert set(qemu_pids_under(root)) == {v.pid for v in status.vms}
             assert {p.name for p in (root / "run" / "vms").iterdir()} == {v.vm_id for v in status.vms}
+            # The lessee's disk survived with its VM, and is still the lessee's to drop.
+            await client.detach_disk(leased[0].lease_id, "kept1")
+            await client.attach_disk(leased[0].lease_id, image, "kept1")
             for h in leased:
                 await client.release(h.lease_id)
                 assert not _alive(h.pid)

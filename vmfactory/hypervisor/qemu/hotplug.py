@@ -77,12 +77,26 @@ async def attach_disk(qmp: Qmp, send_fd: Callable[[int], None], disk: DiskImage,
     return PluggedDisk(node, fdset)
 
 
+async def plugged_disks(qmp: Qmp) -> dict[str, PluggedDisk]:
+    """The disks attach_disk left in a running QEMU, by serial (a VM adopted after
+    a daemon restart keeps its lessee's disks, and must still be able to drop them)."""
+    found = {}
+    for node in await qmp("query-named-block-nodes"):
+        name, filename = node.get("node-name", ""), node.get("file", "")
+        if name.startswith("disk-"):
+            fdset = filename.rsplit("/", 1)[1] if filename.startswith("/dev/fdset/") else ""
+            found[name[len("disk-"):]] = PluggedDisk(name, int(fdset) if fdset.isdigit() else -1)
+    return found
+
+
 async def _drop(qmp: Qmp, disk: PluggedDisk, deadline: float = 0.0) -> None:
     await drop_node(qmp, disk.node, deadline)
     await _drop_fdset(qmp, disk.fdset)
 
 
 async def _drop_fdset(qmp: Qmp, fdset: int) -> None:
+    if fdset < 0:
+        return  # not found when the disk was rediscovered: QEMU drops it with its node
     try:
         await qmp("remove-fd", **{"fdset-id": fdset})
     except HypervisorError as exc:

@@ -89,6 +89,7 @@ class QemuVm(Vm):
         """Connect to the QEMU ``pid`` and its agent; whether its vCPUs were stopped."""
         self._proc = _adoptable(pid, self.run_dir)
         await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
+        self._disks = await hotplug.plugged_disks(self.qmp)
         paused = bool((await self.qmp("query-status"))["status"] == "paused")
         if paused:
             await self.qmp("cont")  # the agent answers only while the vCPUs run
