@@ -26,6 +26,7 @@ from vmfactory.factory.direct import DirectFactory
 from vmfactory.factory.template_factory import TemplateFactory
 from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec
 from vmfactory.hypervisor.qemu import QemuHypervisor
+from vmfactory.server.admin_server import AdminServer
 from vmfactory.server.listen import Listener, claim_socket
 from vmfactory.store import Store, open_store
 from vmfactory.util.tasks import finish
@@ -71,13 +72,18 @@ async def running_daemon(config: Config, *, signals: bool = False,
         for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, daemon.request_stop)
     listener = Listener(daemon, to_toml(config))
+    admin = AdminServer(daemon, config.admin) if config.admin.enabled else None
     try:
         await daemon.start()
         await listener.start()
+        if admin is not None:
+            await admin.start()
         yield daemon
     finally:
         daemon.events.close()  # ends Watch streams, so they do not hold up the grace
         try:
+            if admin is not None:
+                await finish(admin.stop())
             await finish(listener.stop(config.daemon.grace_s))
             await daemon.shutdown()
         finally:

@@ -110,6 +110,7 @@ class TemplateConfig:
 
 Base = Literal["template", "direct"]
 EmptyPolicy = Literal["wait", "fallback"]
+Sizing = Literal["fixed", "adaptive"]
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,9 @@ class PoolConfig:
     # "": shared; else a unix group: only its members (and root) use this pool, and its
     # clones come from a template of the tenant's own (no memory shared with others).
     tenant: str = ""
+    # fixed: keep min_size ready; adaptive: a target between min_size and max_size
+    # from the request rate and the refill time (see daemon/sizing.py).
+    sizing: Sizing = "fixed"
 
     def __post_init__(self) -> None:
         if self.tenant and not NAME_RE.match(self.tenant):
@@ -195,6 +199,23 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The admin HTTP API, metrics and status page (FastAPI in the daemon)."""
+
+    enabled: bool = True
+    socket: Path = Path("/run/vmfactory/admin.sock")  # mode 0600: root's
+    # Optional loopback listener, e.g. "127.0.0.1:7789": reading (the status page,
+    # /metrics) is open to local users; changing anything needs tcp_token_file's token.
+    tcp: str = ""
+    tcp_token_file: str = ""
+
+    def __post_init__(self) -> None:
+        host, _, port = self.tcp.rpartition(":")
+        if self.tcp and (host not in ("127.0.0.1", "localhost", "[::1]") or not port.isdigit()):
+            raise ConfigError("admin.tcp", f"{self.tcp!r}: only a loopback HOST:PORT is allowed")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Where records that must survive a crash live (file:///... or leveldb:///...)."""
 
@@ -253,6 +274,7 @@ class Config:
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     pools: tuple[PoolConfig, ...] = (PoolConfig(),)
@@ -381,6 +403,7 @@ def scratch_config(root: Path, overrides: dict[str, Any] | None = None,
     under_root = {
         "paths": {"run_dir": str(root / "run"), "template_dir": str(root / "templates")},
         "daemon": {"socket": str(root / "factory.sock")},
+        "admin": {"socket": str(root / "admin.sock")},
         "store": {"url": f"file://{root / 'store'}"},
         "runtime": {"store": f"file://{root / 'client'}"},
     }

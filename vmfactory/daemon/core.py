@@ -27,6 +27,7 @@ from vmfactory.daemon.callers import Caller
 from vmfactory.daemon.disks import open_disk, prepare_default_root
 from vmfactory.daemon.events import EventBus, EventKind, PoolEvent
 from vmfactory.daemon.leases import Lease, LeaseTable, VmSource, new_lease_id
+from vmfactory.daemon.metrics import DaemonMetrics
 from vmfactory.daemon.pools import Pool
 from vmfactory.daemon.records import VmRecords
 from vmfactory.daemon.recovery import Recovery, RecoveryReport
@@ -35,7 +36,7 @@ from vmfactory.daemon.requests import (
 )
 from vmfactory.daemon.status import daemon_status
 from vmfactory.errors import (
-    BackgroundFailure, ConfigError, DaemonError, DeadlineExceeded, InvalidRequest,
+    BackgroundFailure, ConfigError, DaemonError, DeadlineExceeded, InvalidRequest, NotFound,
     PermissionDenied, quote,
 )
 from vmfactory.factory.base import FactoryBase
@@ -83,6 +84,8 @@ class Daemon(Lifecycle[DaemonState]):
             config.paths.state_dir / "bundle-images"]
         self._tasks = Supervisor("daemon", on_fatal=self._fatal)
         self._stop = asyncio.Event()
+        self.metrics = DaemonMetrics()
+        self.metrics.watch(self)
         self._set_state(DaemonState.CREATED)
 
     def _state_error(self, operation: str) -> Exception:
@@ -103,7 +106,7 @@ class Daemon(Lifecycle[DaemonState]):
             self.pools[pc.name] = Pool(
                 pc, self._pool_vm_config(pc), self._base(pc.base, pc.tenant), self.events,
                 slots, self.config.daemon.mem_floor_mib, self.config.daemon.health_interval_s,
-                self.records)
+                self.records, self.metrics.observe_refill)
         self.recovery = await Recovery(self.records, self.leases, self.hypervisor,
                                        self.pools).run()
         for pool in self.pools.values():
@@ -208,6 +211,7 @@ class Daemon(Lifecycle[DaemonState]):
     @require(DaemonState.SERVING)
     async def get_vm(self, req: VmRequest, deadline: float, caller: Caller) -> Lease:
         """A ready VM leased to ``caller``; ``deadline`` is a time.monotonic() value."""
+        started = time.monotonic()
         req = req.checked()
         if req.tenant:
             caller.require_group(req.tenant)
@@ -234,6 +238,7 @@ class Daemon(Lifecycle[DaemonState]):
             self.leases.pop(lease.id)
             await self._end_lease(lease, EventKind.RECLAIMED, "withdrawn by its caller")
             raise DeadlineExceeded("the request was withdrawn before its VM was ready")
+        self.metrics.getvm.labels(source.value, lease.pool).observe(time.monotonic() - started)
         return lease
 
     @require(DaemonState.SERVING)
@@ -301,6 +306,58 @@ class Daemon(Lifecycle[DaemonState]):
                 logger.info("lease %s expired: reclaiming vm %s", lease.id, lease.vm.id)
                 await self._end_lease(lease, EventKind.RECLAIMED,
                                       f"TTL of {lease.ttl_s:g} s ended")
+
+    # -- operations (the admin API) -------------------------------------------
+    def pool(self, name: str) -> Pool:
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise NotFound(f"no pool {quote(name)}") from None
+
+    def pool_view(self, name: str) -> dict[str, Any]:
+        """A pool's status, its configuration and what its sizing policy chose."""
+        pool = self.pool(name)
+        return {**pool.status(), "config": dataclasses.asdict(pool.config),
+                "sizing_report": pool.sizer.report()}
+
+    def reconfigure_pool(self, name: str, changes: dict[str, Any], caller: Caller) -> None:
+        """New sizes, keep_running or sizing for a running pool (root's)."""
+        caller.require_root("reconfiguring a pool")
+        try:
+            self.pool(name).reconfigure(**changes)
+        except ConfigError as exc:
+            raise InvalidRequest(str(exc).replace("config ", "", 1)) from exc
+        logger.info("pool %s reconfigured by %s: %s", name, caller, changes)
+
+    async def drain_pool(self, name: str, caller: Caller) -> int:
+        caller.require_root("draining a pool")
+        return await self.pool(name).drain()
+
+    async def rotate_template(self, name: str, caller: Caller) -> None:
+        """Build the next generation of template ``name`` now and swap it in."""
+        caller.require_root("rotating a template")
+        factory = next((f for f in self.templates.values() if f.name == name), None)
+        if factory is None:
+            raise NotFound(f"no template {quote(name)}")
+        await factory.rotate_now()
+
+    def templates_status(self) -> list[dict[str, Any]]:
+        return [{"name": f.name, "tenant": tenant, **f.status()}
+                for tenant, f in self.templates.items()]
+
+    def unready(self) -> list[str]:
+        """Why the daemon is not ready: each pool under its minimum (empty: ready)."""
+        why = [f"daemon is {self.state.value}"] if self.state is not DaemonState.SERVING else []
+        return why + [f"pool {p.name}: {len(p.ready)} ready, minimum {p.config.min_size}"
+                      for p in self.pools.values() if len(p.ready) < p.config.min_size]
+
+    def leases_view(self, caller: Caller) -> list[dict[str, Any]]:
+        """Every lease; the id and agent socket only to its owner (and root)."""
+        return [{"lease_id": le.id if caller.owns(le.owner_uid) else "", "vm_id": le.vm.id,
+                 "pool": le.pool, "source": le.source.value, "owner_uid": le.owner_uid,
+                 "client": le.client, "tenant": le.tenant, "ttl_s": le.ttl_s,
+                 "expires_in_s": (le.expires - time.time()) if le.expires else None,
+                 "age_s": time.time() - le.created} for le in self.leases.values()]
 
     # -- status ------------------------------------------------------------
     def status(self, caller: Caller) -> dict[str, Any]:

@@ -16,10 +16,12 @@ off.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import psutil
 
@@ -27,6 +29,7 @@ from vmfactory.config import PoolConfig, VmConfig
 from vmfactory.daemon.events import EventBus, EventKind, PoolEvent
 from vmfactory.daemon.leases import VmSource
 from vmfactory.daemon.records import Role, VmRecords
+from vmfactory.daemon.sizing import Sizer
 from vmfactory.errors import FactoryError, PoolEmpty, VmFactoryError
 from vmfactory.factory.base import FactoryBase
 from vmfactory.factory.sequence import prepare_vm
@@ -38,6 +41,7 @@ from vmfactory.util.tasks import Policy, Supervisor, Teardown, finish
 logger = logging.getLogger(__name__)
 
 MEMORY_RECHECK_S = 1.0
+SIZING_TICK_S = 1.0
 REFILL_BACKOFF_S = (0.5, 30.0)
 
 
@@ -56,8 +60,11 @@ class Pool(Lifecycle[PoolState]):
 
     def __init__(self, config: PoolConfig, vm_config: VmConfig, base: FactoryBase,
                  events: EventBus, refill_slots: asyncio.Semaphore, mem_floor_mib: int,
-                 health_interval_s: float, records: VmRecords) -> None:
+                 health_interval_s: float, records: VmRecords,
+                 on_refill: Callable[[str, float], None] | None = None) -> None:
         self.config = config
+        self.sizer = Sizer(config)
+        self._on_refill = on_refill
         self.vm_config = vm_config
         self.base = base
         self.events = events
@@ -70,6 +77,7 @@ class Pool(Lifecycle[PoolState]):
         self._waiters: deque[asyncio.Future[Vm]] = deque()
         self.refilling = 0
         self.handouts = self.misses = self.replaced = self.failures = 0
+        self.refill_failures = 0
         self.warmup_failures = 0
         self._kick_event = asyncio.Event()
         self._tasks = Supervisor(f"pool-{config.name}")
@@ -99,10 +107,12 @@ class Pool(Lifecycle[PoolState]):
         self._set_state(PoolState.RUNNING)
         self._tasks.spawn("refill", self._refill_loop, policy=Policy.RESTART)
         self._tasks.spawn("health", self._health_loop, policy=Policy.RESTART)
+        self._tasks.spawn("sizing", self._sizing_loop, policy=Policy.RESTART)
 
     # -- handout -----------------------------------------------------------
     async def get(self, deadline: float) -> tuple[Vm, VmSource]:
         """A ready VM and where it came from (the pool, or the base's on a miss)."""
+        self.sizer.request()
         while True:
             self._check_state("get", (PoolState.RUNNING,))
             vm = self.ready.popleft() if self.ready else None
@@ -182,7 +192,7 @@ class Pool(Lifecycle[PoolState]):
         self._kick_event.set()
 
     def _deficit(self) -> int:
-        want = self.config.min_size - len(self.ready) - self.refilling
+        want = self.sizer.target() - len(self.ready) - self.refilling
         room = self.config.max_size - len(self.ready) - self.refilling
         return max(0, min(want, room))
 
@@ -217,8 +227,11 @@ class Pool(Lifecycle[PoolState]):
     async def _refill_one(self) -> None:
         # ``refilling`` drops only once the VM is in ``ready`` (or failed): in
         # between, the refill loop would count the pool short and make one more.
+        started = time.monotonic()
         try:
-            await self._add_ready(await self._make_one())
+            vm = await self._make_one()
+            self._refilled(time.monotonic() - started)
+            await self._add_ready(vm)
         except VmFactoryError as exc:
             self._refill_failed(exc)
             logger.error("pool %s: refill failed: %s", self.name, exc)
@@ -229,8 +242,14 @@ class Pool(Lifecycle[PoolState]):
             self.refilling -= 1
             self._kick()
 
+    def _refilled(self, seconds: float) -> None:
+        self.sizer.refilled(seconds)
+        if self._on_refill is not None:
+            self._on_refill(self.name, seconds)
+
     def _refill_failed(self, exc: Exception) -> None:
         self.failures += 1
+        self.refill_failures += 1
         self._emit(EventKind.REFILL_FAILED, detail=f"{type(exc).__name__}: {exc}")
 
     async def _make_one(self) -> Vm:
@@ -284,6 +303,42 @@ class Pool(Lifecycle[PoolState]):
                 return
         self.ready.append(vm)
 
+    # -- sizing ------------------------------------------------------------
+    async def _sizing_loop(self) -> None:
+        """Follow the target: wake the refill when it rose; when the pool holds more
+        than it keeps (an adaptive target that fell, a lowered max_size), give back
+        one ready VM a tick."""
+        last = self.sizer.target()
+        while True:
+            await asyncio.sleep(SIZING_TICK_S)
+            target = self.sizer.target()
+            if target > last:
+                self._kick()
+            last = target
+            keep = target if self.config.sizing == "adaptive" else self.config.max_size
+            if len(self.ready) > keep and not self._waiters:
+                vm = self.ready.pop()  # the youngest: the oldest has waited warm longest
+                logger.info("pool %s: %d ready, keeping %d: stopping vm %s", self.name,
+                            len(self.ready) + 1, keep, vm.id)
+                await finish(vm.stop())
+
+    def reconfigure(self, **changes: object) -> None:
+        """New sizes, keep_running or sizing policy, effective at once (not saved:
+        a restarted daemon reads its config file).  ConfigError for bad values."""
+        self.config = dataclasses.replace(self.config, **changes)  # validated
+        self.sizer.configure(self.config)
+        self._kick()
+
+    async def drain(self) -> int:
+        """Stop every ready VM now (the refill makes fresh ones up to the target);
+        how many were stopped."""
+        vms = list(self.ready)
+        self.ready.clear()
+        for vm in vms:
+            await finish(vm.stop())
+        self._kick()
+        return len(vms)
+
     # -- health ------------------------------------------------------------
     async def _health_loop(self) -> None:
         while True:
@@ -298,6 +353,7 @@ class Pool(Lifecycle[PoolState]):
     # -- lifecycle ---------------------------------------------------------
     def status(self) -> dict[str, object]:
         return {"name": self.name, "base": self.config.base, "min_size": self.config.min_size,
+                "target": self.sizer.target(), "sizing": self.config.sizing,
                 "max_size": self.config.max_size, "ready": len(self.ready),
                 "refilling": self.refilling, "handouts": self.handouts, "misses": self.misses,
                 "replaced": self.replaced, "keep_running": self.config.keep_running,
