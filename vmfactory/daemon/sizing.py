@@ -6,18 +6,25 @@ made, with headroom for the noise of random arrivals::
     target = ceil(rate * refill + HEADROOM * sqrt(rate * refill)),  min_size..max_size
 
 ``rate`` (requests per second) is an exponentially decayed count with a time
-constant of 120 s; during a burst (the 10 s count is well above what the slow
-one predicts) it is the 10 s count, so a burst finds warm VMs.  ``refill`` is
-an exponentially weighted mean of the measured refill times.  The target rises
-once the computed value is half a VM above it, and falls one VM at a time, only
-after the computed value stayed below it for a cool-down: under a steady rate
-it settles and stays.
+constant of 120 s, or the 10 s count while that is well above what the slow one
+predicts (the rate rose).  ``refill`` is an exponentially weighted mean of the
+measured refill times.  Bursts are what that formula cannot see: a burst is a
+window of one refill time holding at least 3 requests and more than random
+arrivals at the background rate (requests outside bursts, so regular bursts
+do not raise their own bar) would put there in one of 1000 two-minute spans (a
+Poisson tail bound).  The biggest burst of the last two minutes is the target's
+floor: 6 requests in a second want 6 warm VMs, whatever the average, while the
+ordinary peaks of a steady rate change nothing.  The target rises once the
+computed value is half a VM above it, and falls to it in one step only after
+the computed value stayed below it for a cool-down: under a steady rate it
+settles and stays.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -28,9 +35,13 @@ SLOW_TAU_S = 120.0
 HEADROOM = 2.0
 COOLDOWN_S = 30.0
 RISE_MARGIN = 0.5
-# A burst: the fast count exceeds BURST_FACTOR times the slow one by BURST_EVENTS.
+# A rising rate: the fast count exceeds BURST_FACTOR times the slow one by BURST_EVENTS.
 BURST_FACTOR = 2.0
 BURST_EVENTS = 3.0
+# A burst: a peak that steady arrivals reach in at most FALSE_BURSTS of PEAK_MEMORY_S spans.
+PEAK_MEMORY_S = 120.0
+FALSE_BURSTS = 1e-3
+MIN_BURST = 3
 REFILL_ALPHA = 0.3
 INITIAL_REFILL_S = 2.0
 
@@ -52,9 +63,24 @@ class DecayingRate:
         self._decay(now)
         self._value += 1.0 / self.tau
 
+    def remove(self, at: float, now: float) -> None:
+        """Take back the event added at ``at``."""
+        self._decay(now)
+        self._value = max(0.0, self._value - math.exp(-max(0.0, now - at) / self.tau) / self.tau)
+
     def value(self, now: float) -> float:
         self._decay(now)
         return self._value
+
+
+def poisson_bar(mean: float, p: float) -> int:
+    """The smallest ``k`` with P(X >= k) <= ``p`` for X ~ Poisson(``mean``)."""
+    k, pmf, below = 0, math.exp(-mean), 0.0
+    while 1.0 - below > p and k < 10_000:
+        below += pmf
+        k += 1
+        pmf *= mean / k
+    return k
 
 
 class Sizer:
@@ -66,6 +92,10 @@ class Sizer:
         self._fast = DecayingRate(FAST_TAU_S)
         self._slow = DecayingRate(SLOW_TAU_S)
         self.refill_s = INITIAL_REFILL_S
+        self._background = DecayingRate(SLOW_TAU_S)  # arrivals that were not in a burst
+        # Arrivals within the last refill time, and whether the background counted them.
+        self._window: deque[list[Any]] = deque()
+        self._peaks: deque[tuple[float, int]] = deque()  # (when, burst size), falling
         self._target = config.min_size
         self._lower_since: float | None = None
         self.changes = 0
@@ -76,8 +106,30 @@ class Sizer:
         self._target = min(max(self._target, config.min_size), config.max_size)
 
     def request(self) -> None:
-        self._fast.add(self._clock())
-        self._slow.add(self._clock())
+        now = self._clock()
+        self._fast.add(now)
+        self._slow.add(now)
+        while self._window and self._window[0][0] < now - self.refill_s:
+            self._window.popleft()
+        self._window.append([now, False])
+        if len(self._window) < self._burst_bar():
+            self._background.add(now)
+            self._window[-1][1] = True
+            return
+        for arrival in self._window:  # a burst: none of it is background
+            if arrival[1]:
+                self._background.remove(arrival[0], now)
+                arrival[1] = False
+        while self._peaks and self._peaks[-1][1] <= len(self._window):
+            self._peaks.pop()  # a later, bigger burst outlives it
+        self._peaks.append((now, len(self._window)))
+
+    def peak(self) -> int:
+        """The biggest burst (requests within one refill time) in the last PEAK_MEMORY_S."""
+        now = self._clock()
+        while self._peaks and self._peaks[0][0] < now - PEAK_MEMORY_S:
+            self._peaks.popleft()
+        return self._peaks[0][1] if self._peaks else 0
 
     def refilled(self, seconds: float) -> None:
         self.refill_s += REFILL_ALPHA * (seconds - self.refill_s)
@@ -90,7 +142,14 @@ class Sizer:
 
     def _wanted(self) -> float:
         load = self.rate() * self.refill_s
-        return load + HEADROOM * math.sqrt(load)
+        wanted = load + HEADROOM * math.sqrt(load)
+        return max(wanted, float(self.peak()))
+
+    def _burst_bar(self) -> int:
+        # Judged against the arrivals outside bursts, or regular bursts would raise their own bar.
+        load = self._background.value(self._clock()) * self.refill_s
+        spans = max(1.0, PEAK_MEMORY_S / max(self.refill_s, 0.1))
+        return max(MIN_BURST, poisson_bar(load, FALSE_BURSTS / spans))
 
     def _bounded(self, value: int) -> int:
         return min(max(value, self.config.min_size), self.config.max_size)
@@ -111,7 +170,7 @@ class Sizer:
             if self._lower_since is None:
                 self._lower_since = now
             elif now - self._lower_since >= COOLDOWN_S:
-                self._move(self._target - 1)
+                self._move(desired)
         else:
             self._lower_since = None
         return self._target
@@ -123,5 +182,8 @@ class Sizer:
     def report(self) -> dict[str, Any]:
         """What the policy saw and chose (for /v1/pools/{name})."""
         return {"policy": self.config.sizing, "rate_per_s": round(self.rate(), 4),
-                "refill_s": round(self.refill_s, 3), "desired": self.desired(),
+                "refill_s": round(self.refill_s, 3), "burst_peak": self.peak(),
+                "burst_bar": self._burst_bar(),
+                "background_rate_per_s": round(self._background.value(self._clock()), 4),
+                "desired": self.desired(),
                 "target": self.target(), "headroom": HEADROOM, "cooldown_s": COOLDOWN_S}
