@@ -26,7 +26,7 @@ from vmfactory.config import scratch_config
 from vmfactory.server.client import FactoryClient
 from vmfactory.util.spawn import spawn_daemon
 
-PREFIX = "pool:"         # DaemonRun runs the pool benchmark's phases
+PREFIX = "pool:"         # progress lines' default prefix (the pool benchmark's)
 # The daemons' refills pause under this (daemon.mem_floor_mib), before LOW_WATER_MIB.
 MEM_FLOOR_MIB = 3072
 DAEMON_START_S = 60.0    # spawn -> socket
@@ -92,10 +92,11 @@ class DaemonRun:
     is copied into ``log_dir`` (if given) before the directory is removed."""
 
     def __init__(self, label: str, *, min_size: int, max_size: int, keep_running: bool = False,
-                 empty: str = "wait", log_dir: Path | None = None) -> None:
-        self.label = label
+                 empty: str = "wait", sizing: str = "fixed", log_dir: Path | None = None,
+                 prefix: str = PREFIX) -> None:
+        self.label, self.prefix = label, prefix
         self.min_size, self.max_size = min_size, max_size
-        self.keep_running, self.empty = keep_running, empty
+        self.keep_running, self.empty, self.sizing = keep_running, empty, sizing
         self.log_dir = log_dir
         self.root = Path(tempfile.mkdtemp(prefix="vmfb-", dir="/tmp"))
         self.socket = self.root / "factory.sock"
@@ -105,11 +106,11 @@ class DaemonRun:
             "vm": {"accel": "tcg"}, "daemon": {"mem_floor_mib": MEM_FLOOR_MIB},
             "store": {"url": f"leveldb://{self.root / 'store.ldb'}"},
             "pools": [{"name": "bench", "min_size": min_size, "max_size": max_size,
-                       "keep_running": keep_running, "empty": empty}]})
+                       "keep_running": keep_running, "empty": empty, "sizing": sizing}]})
 
     def describe(self) -> dict[str, Any]:
         return {"min_size": self.min_size, "max_size": self.max_size,
-                "keep_running": self.keep_running, "empty": self.empty}
+                "keep_running": self.keep_running, "empty": self.empty, "sizing": self.sizing}
 
     def client(self) -> FactoryClient:
         return FactoryClient(str(self.socket))
@@ -121,9 +122,9 @@ class DaemonRun:
                                                 self.log_path, timeout=DAEMON_START_S)
         except RuntimeError as exc:  # its message ends with the daemon log's tail
             raise RuntimeError(f"{self.label}: {exc}") from exc
-        progress(f"{PREFIX} {self.label}: daemon pid {self.proc.pid} serving on {self.socket} "
+        progress(f"{self.prefix} {self.label}: daemon pid {self.proc.pid} serving on {self.socket} "
                  f"(pool {self.min_size}..{self.max_size}, keep_running="
-                 f"{str(self.keep_running).lower()}, empty={self.empty})")
+                 f"{str(self.keep_running).lower()}, empty={self.empty}, sizing={self.sizing})")
 
     def log(self) -> str:
         try:
@@ -162,13 +163,13 @@ class DaemonRun:
     def report_stop(self, info: dict[str, Any]) -> None:
         """One progress line; a daemon that left something or failed also gets its log tail."""
         if info["leaked"] or info.get("exit_code") not in (0, None) or info["socket_left"]:
-            progress(f"{PREFIX} {self.label}: after stop: exit code {info.get('exit_code')}, "
+            progress(f"{self.prefix} {self.label}: after stop: exit code {info.get('exit_code')}, "
                      f"{len(info['leftover_qemu'])} QEMU left, run/ "
                      f"{info['leftover_run_entries']}, mounts {info['leftover_mounts']}, "
                      f"socket left {info['socket_left']}")
             info["log_tail"] = self.log()[-1500:]
         else:
-            progress(f"{PREFIX} {self.label}: daemon stopped in {info['stop_s']:.1f} s, "
+            progress(f"{self.prefix} {self.label}: daemon stopped in {info['stop_s']:.1f} s, "
                      f"nothing left behind")
 
     def keep_log(self, info: dict[str, Any]) -> None:
@@ -199,17 +200,18 @@ async def run_phase(label: str, daemon: DaemonRun, need_mib: float, body: Body) 
             out.update(await body(daemon))
     except MemoryLow as exc:
         out["stopped_early"] = str(exc)
-        progress(f"{PREFIX} {label}: stopped early: {exc}")
+        progress(f"{daemon.prefix} {label}: stopped early: {exc}")
     except Exception as exc:  # noqa: BLE001 - recorded, the other phases still run
         out["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-        progress(f"{PREFIX} {label}: FAILED: {out['error'][:500]}")
+        progress(f"{daemon.prefix} {label}: FAILED: {out['error'][:500]}")
     finally:
         out["daemon"] = daemon.stop()
         out["phase_s"] = round(time.monotonic() - t, 1)
     return out
 
 
-async def wait_full(ctl: FactoryClient, label: str, timeout: float = FILL_TIMEOUT_S) -> float:
+async def wait_full(ctl: FactoryClient, label: str, timeout: float = FILL_TIMEOUT_S,
+                    prefix: str = PREFIX) -> float:
     """Wait until the pool holds min_size ready VMs and nothing is refilling; seconds waited."""
     t = time.monotonic()
     deadline = t + timeout
@@ -224,7 +226,7 @@ async def wait_full(ctl: FactoryClient, label: str, timeout: float = FILL_TIMEOU
                                f"(ready {p.ready}/{p.min_size}, refilling {p.refilling})")
         line = f"ready {p.ready}/{p.min_size}, refilling {p.refilling}"
         if line != last and now - t > 5:
-            progress(f"{PREFIX} {label}: waiting for the pool: {line}")
+            progress(f"{prefix} {label}: waiting for the pool: {line}")
             last = line
         await asyncio.sleep(STATUS_POLL_S)
 

@@ -312,6 +312,11 @@ class Pool(Lifecycle[PoolState]):
         while True:
             await asyncio.sleep(SIZING_TICK_S)
             target = self.sizer.target()
+            if target != last:
+                r = self.sizer.report()
+                logger.info("pool %s: target %d -> %d (rate %.3f/s, refill %.2f s, burst %d)",
+                            self.name, last, target, r["rate_per_s"], r["refill_s"],
+                            r["burst_peak"])
             if target > last:
                 self._kick()
             last = target

@@ -12,8 +12,9 @@ measured refill times.  Bursts are what that formula cannot see: a burst is a
 window of one refill time holding at least 3 requests and more than random
 arrivals at the background rate (requests outside bursts, so regular bursts
 do not raise their own bar) would put there in one of 1000 two-minute spans (a
-Poisson tail bound).  The biggest burst of the last two minutes is the target's
-floor: 6 requests in a second want 6 warm VMs, whatever the average, while the
+Poisson tail bound).  The biggest burst of the last two minutes, plus the
+formula's value for the background alone, is the target's floor: 6 requests in
+a second over a trickle want 7 warm VMs, whatever the average, while the
 ordinary peaks of a steady rate change nothing.  The target rises once the
 computed value is half a VM above it, and falls to it in one step only after
 the computed value stayed below it for a cool-down: under a steady rate it
@@ -47,10 +48,14 @@ INITIAL_REFILL_S = 2.0
 
 
 class DecayingRate:
-    """Events per second, each event's weight decaying with time constant ``tau``."""
+    """Events per second, each event's weight decaying with time constant ``tau``.
 
-    def __init__(self, tau: float) -> None:
-        self.tau = tau
+    Until it has watched for ``tau`` the decayed count underestimates the rate; it
+    is divided by the weight the time watched carries (at least ``min_age``'s, so
+    a first event is not taken for a flood)."""
+
+    def __init__(self, tau: float, start: float, min_age: float) -> None:
+        self.tau, self._start, self._min_age = tau, start, min_age
         self._value = 0.0
         self._at: float | None = None
 
@@ -70,7 +75,8 @@ class DecayingRate:
 
     def value(self, now: float) -> float:
         self._decay(now)
-        return self._value
+        age = max(self._min_age, now - self._start)
+        return self._value / (1.0 - math.exp(-age / self.tau))
 
 
 def poisson_bar(mean: float, p: float) -> int:
@@ -89,10 +95,13 @@ class Sizer:
     def __init__(self, config: PoolConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
-        self._fast = DecayingRate(FAST_TAU_S)
-        self._slow = DecayingRate(SLOW_TAU_S)
+        start = clock()
+        self._fast = DecayingRate(FAST_TAU_S, start, FAST_TAU_S)
+        # A young pool's slow counts are scaled up, but no more than 2.5 times: a burst
+        # in its first seconds must not pass for its background rate.
+        self._slow = DecayingRate(SLOW_TAU_S, start, SLOW_TAU_S / 2)
         self.refill_s = INITIAL_REFILL_S
-        self._background = DecayingRate(SLOW_TAU_S)  # arrivals that were not in a burst
+        self._background = DecayingRate(SLOW_TAU_S, start, SLOW_TAU_S / 2)  # arrivals that were not in a burst
         # Arrivals within the last refill time, and whether the background counted them.
         self._window: deque[list[Any]] = deque()
         self._peaks: deque[tuple[float, int]] = deque()  # (when, burst size), falling
@@ -143,7 +152,12 @@ class Sizer:
     def _wanted(self) -> float:
         load = self.rate() * self.refill_s
         wanted = load + HEADROOM * math.sqrt(load)
-        return max(wanted, float(self.peak()))
+        peak = self.peak()
+        if not peak:
+            return wanted
+        # The burst comes on top of the background, which goes on while the burst refills.
+        background = self._background.value(self._clock()) * self.refill_s
+        return max(wanted, peak + background + HEADROOM * math.sqrt(background))
 
     def _burst_bar(self) -> int:
         # Judged against the arrivals outside bursts, or regular bursts would raise their own bar.
