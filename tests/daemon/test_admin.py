@@ -71,8 +71,13 @@ async def test_every_endpoint_answers(root: Path) -> None:
         assert pool["ready"] == 2 and pool["sizing_report"]["policy"] == "fixed"
         assert {"rate_per_s", "refill_s", "target"} <= set(pool["sizing_report"])
         assert (await http.get("/docs-assets/swagger-ui-bundle.js")).status_code == 200
-        paths = (await http.get("/openapi.json")).json()["paths"]
+        openapi = (await http.get("/openapi.json")).json()
+        paths, schemas = openapi["paths"], openapi["components"]["schemas"]
         assert {"/v1/pools/{name}", "/v1/pools/{name}/drain", "/metrics"} <= set(paths)
+        assert {"PoolView", "PoolPatch", "LeaseView", "VmView", "ErrorBody"} <= set(schemas)
+        answers = paths["/v1/pools/{name}"]["get"]["responses"]
+        assert answers["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "/PoolView") and "404" in answers
         drained = (await http.post("/v1/pools/p/drain")).json()
         assert drained == {"stopped": 2}
         await until(lambda: len(daemon.pools["p"].ready) == 2, what="refill after drain")
