@@ -102,6 +102,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t0, runner, runs = time.monotonic(), Runner(), {}
+    measured = commit()  # what ran, before the results it writes make the tree differ
     try:
         for i, name in enumerate(args.names):
             progress(f"{PREFIX} [{i + 1}/{len(args.names)}] {name} "
@@ -113,7 +114,7 @@ def main() -> int:
         progress(f"{PREFIX} interrupted: the running benchmark was stopped; no summary written")
         return 130
     info = {"quick": args.quick, "started": started, "wall_s": time.monotonic() - t0,
-            "machine": machine(), "commit": commit()}
+            "machine": machine(), "commit": measured}
     summary = args.out / "SUMMARY.md"
     summary.write_text(markdown(runs, info, args.out) + "\n")
     (args.out / "run_all.json").write_text(json.dumps(

@@ -22,7 +22,7 @@ import psutil
 from runtime_client.errors import SandboxError
 from vmfactory.config import Config
 from vmfactory.errors import DaemonUnavailable, LeaseNotFound, VmFactoryError
-from vmfactory.hypervisor.base import Vm
+from vmfactory.hypervisor.base import DiskImage, Vm
 from vmfactory.server.client import FactoryClient
 
 logger = logging.getLogger(__name__)
@@ -126,8 +126,14 @@ class OwnedVm(SandboxVm):
         return cls(vm, record.get("source", "boot"))
 
     async def attach_disk(self, path: Path, serial: str) -> None:
+        # The image is this client's own (it built it), so no disk policy applies;
+        # the VM is handed the descriptor, as the daemon hands it its checked ones.
         try:
-            await self.vm.attach_disk(path, serial)
+            disk = DiskImage.open_own(path)
+            try:
+                await self.vm.attach_disk(disk, serial)
+            finally:
+                disk.close()  # QEMU holds its own copy
         except VmFactoryError as exc:
             raise SandboxError(f"vm {self.vm_id}: {exc}") from exc
 

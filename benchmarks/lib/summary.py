@@ -46,7 +46,9 @@ def machine() -> dict[str, Any]:
 
 def commit() -> dict[str, Any]:
     head = _first_line(["git", "rev-parse", "HEAD"])
-    dirty = _first_line(["git", "status", "--porcelain", "--untracked-files=no"])
+    # Results of earlier runs are tracked: they are not a change to what is measured.
+    dirty = _first_line(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                         ":(exclude)benchmarks/results"])
     return {"commit": head, "dirty": dirty not in ("", "unknown")}
 
 

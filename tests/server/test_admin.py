@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import socket
@@ -13,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -150,3 +152,82 @@ def test_the_status_page_renders_in_chromium(daemon: DaemonProc, tmp_path: Path)
                     f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
     assert shot.stat().st_size > 10_000
     (tmp_path / "status-page.json").write_text(json.dumps(pools, indent=2))
+
+
+def pool_status(d: DaemonProc, name: str = "small") -> Any:
+    """The pool as gRPC ``Status`` reports it (not the admin API)."""
+    async def status() -> Any:
+        async with FactoryClient(d.socket) as client:
+            return await client.status()
+    return next(p for p in asyncio.run(status()).pools if p.name == name)
+
+
+def wait_pool(d: DaemonProc, ready: int, min_size: int) -> Any:
+    deadline = time.monotonic() + POOL_READY_TIMEOUT_S
+    while True:
+        pool = pool_status(d)
+        if pool.min_size == min_size and pool.ready == ready and pool.refilling == 0:
+            return pool
+        assert time.monotonic() < deadline, (pool, d.log()[-2000:])
+        time.sleep(0.3)
+
+
+# Each is refused with a 4xx and a JSON message, and changes nothing.
+BAD_PATCHES = [
+    ("small", {"min_size": 5}, 400),            # above max_size (3)
+    ("small", {"min_size": -1}, 422),
+    ("small", {"max_size": 0}, 422),
+    ("small", {"min_size": "3"}, 422),          # a string is not a size
+    ("small", {"keep_running": "yes"}, 422),
+    ("small", {"sizing": "magic"}, 422),
+    ("small", {"min_size": 2, "colour": "red"}, 422),  # unknown field
+    ("nosuchpool", {"min_size": 1}, 404),
+]
+KNOBS = ("min_size", "max_size", "keep_running", "sizing", "target")
+
+
+def test_patch_and_drain_reach_the_refill_and_grpc_and_bad_ones_change_nothing(
+        daemon: DaemonProc) -> None:
+    wait_ready(daemon)
+    with admin(daemon) as http:
+        before = {k: http.get("/v1/pools/small").json()[k] for k in KNOBS}
+        for name, body, status in BAD_PATCHES:
+            response = http.patch(f"/v1/pools/{name}", json=body)
+            assert response.status_code == status, (body, response.text)
+            assert isinstance(response.json()["message"], str), response.text
+        assert http.patch("/v1/pools/small", content=b"{not json",
+                          headers={"content-type": "application/json"}).status_code == 422
+        assert {k: http.get("/v1/pools/small").json()[k] for k in KNOBS} == before
+        try:
+            response = http.patch("/v1/pools/small", json={"min_size": 3})
+            assert response.status_code == 200, response.text
+            assert response.json()["min_size"] == 3 and response.json()["target"] == 3
+            assert wait_pool(daemon, ready=3, min_size=3).target == 3  # refilled to it
+            drained = http.post("/v1/pools/small/drain", timeout=120)
+            assert drained.status_code == 200 and drained.json() == {"stopped": 3}
+            wait_pool(daemon, ready=3, min_size=3)  # and refilled again
+        finally:
+            assert http.patch("/v1/pools/small", json={"min_size": 2}).status_code == 200
+        assert pool_status(daemon).min_size == 2
+
+
+def test_the_admin_socket_of_a_real_daemon_is_refused_to_other_uids(
+        daemon: DaemonProc) -> None:
+    wait_ready(daemon)
+    sock = daemon.root / "admin.sock"
+    assert sock.stat().st_mode & 0o777 == 0o600 and sock.stat().st_uid == 0
+    probe = ("import socket, sys\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n"
+             "    print(type(e).__name__); sys.exit(3)\n"
+             "s.sendall(b'GET /v1/pools HTTP/1.0\\r\\n\\r\\n'); print(s.recv(100))\n")
+    mode = daemon.root.stat().st_mode & 0o777
+    os.chmod(daemon.root, 0o711)  # the socket's own mode is what must refuse
+    try:
+        out = subprocess.run(["/usr/bin/python3", "-c", probe, str(sock)], user=4242,
+                             group=4242, extra_groups=[], capture_output=True, text=True,
+                             timeout=30, cwd="/")
+    finally:
+        os.chmod(daemon.root, mode)
+    assert out.returncode == 3, (out.stdout, out.stderr)
+    assert out.stdout.strip() == "PermissionError"
