@@ -23,7 +23,7 @@ hundreds of GetVM with 50 ms deadlines                 DEADLINE_EXCEEDED or
 =====================================================  ===================
 
 (The cases of other callers, as another uid, are in test_users.py; the runtime
-CLI's undecodable arguments in tests/runtime/test_containers.py.)
+CLI's undecodable arguments in tests/runtime/test_cli_input.py.)
 """
 
 from __future__ import annotations
