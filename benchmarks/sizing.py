@@ -17,6 +17,7 @@ Progress goes to stderr; a table (or one JSON object with --json) to stdout;
 benchmarks/results/sizing.json and sizing.png (or under --out DIR) are saved.
 
     python benchmarks/sizing.py [--json] [--quick] [--seed N] [--log-dir DIR] [--out DIR]
+                                [--traces bursty,...] [--sizes 4,8]
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def daemons(phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.monotonic()
     p = plan(args.quick)
-    all_traces = traces(args.seed, p["warmup_s"], p["measured_s"])
+    if args.sizes:
+        p["sizes"] = args.sizes
+    all_traces = [t for t in traces(args.seed, p["warmup_s"], p["measured_s"])
+                  if not args.traces or t.name in args.traces]
     host: dict[str, Any] = {**host_start(), "available_mib_start": round(available_mib())}
     policies = [f"fixed-{s}" for s in p["sizes"]] + [ADAPTIVE]
     progress(f"{PREFIX} {'quick' if args.quick else 'full'} run: policies {policies}, "
@@ -131,8 +135,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=SEED, help="the traces' seed")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="copy each policy's daemon log into this directory")
+    p.add_argument("--traces", type=lambda v: v.split(","), default=None,
+                   help="only these traces (comma-separated: steady,bursty,diurnal)")
+    p.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                   help="fixed sizes to compare (default 1,2,4,8; quick 1,4)")
     add_out_option(p)
-    return p.parse_args()
+    args = p.parse_args()
+    known = {"steady", "bursty", "diurnal"}
+    if args.traces and not set(args.traces) <= known:
+        p.error(f"--traces: one of {sorted(known)}")
+    if args.sizes and not all(1 <= s <= 32 for s in args.sizes):
+        p.error("--sizes: each in 1..32")
+    return args
 
 
 def main() -> int:

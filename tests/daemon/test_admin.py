@@ -188,3 +188,25 @@ async def test_readyz_says_why_until_the_pools_are_full(root: Path) -> None:
             await asyncio.sleep(0.01)
         await until(lambda: len(daemon.pools["p"].ready) == 2)
         assert (await http.get("/readyz")).json() == {"ready": True, "reasons": []}
+
+
+async def test_big_or_endless_bodies_are_413_before_anything_reads_them(root: Path) -> None:
+    config = admin_config(root)
+    async with serving(config) as (daemon, http):
+        big = b'{"min_size": 1, "pad": "' + b"x" * 200_000 + b'"}'
+        declared = await http.patch("/v1/pools/p", content=big,
+                                    headers={"content-type": "application/json"})
+        assert declared.status_code == 413, declared.text
+        assert declared.json()["error"] == "PayloadTooLarge"
+
+        async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: chunked
+            yield b'{"min_size": 1, "pad": "'
+            for _ in range(100):
+                yield b"x" * 4096
+        streamed = await http.patch("/v1/pools/p", content=chunks(),
+                                    headers={"content-type": "application/json"})
+        assert streamed.status_code == 413
+        assert daemon.pools["p"].config.min_size == 2
+        # A body within the bound still works, through the same listener.
+        small = await http.patch("/v1/pools/p", json={"min_size": 1})
+        assert small.status_code == 200 and daemon.pools["p"].config.min_size == 1

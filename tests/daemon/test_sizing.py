@@ -94,3 +94,20 @@ def test_bounds_are_kept_and_a_new_configuration_applies_at_once() -> None:
     assert sizer.target() == 4
     report = sizer.report()
     assert report["policy"] == "adaptive" and report["target"] == 4 and report["rate_per_s"] > 10
+
+
+def test_a_burst_keeps_room_for_the_background_while_it_is_refilled() -> None:
+    """Six at once over 0.1/s with 2 s refills: refilled in 3 rounds of 2 (6 s), in
+    which the background brings 0.6 more on average: 6 + 0.6 + 2 sqrt(0.6) -> 9.
+    One refill at a time would take 12 s: more still."""
+    targets = {}
+    for concurrency in (2, 1):
+        clock, rng = Clock(), random.Random(11)
+        sizer = Sizer(ADAPTIVE, clock, refill_concurrency=concurrency)
+        run(sizer, clock, 240, 0.1, rng, refill_s=2.0)
+        for _ in range(6):
+            sizer.request()
+            sizer.refilled(2.0)
+        targets[concurrency] = sizer.target()
+    assert targets[2] >= 8   # (counting one refill time of background: 7)
+    assert targets[1] > targets[2]

@@ -106,7 +106,8 @@ class Daemon(Lifecycle[DaemonState]):
             self.pools[pc.name] = Pool(
                 pc, self._pool_vm_config(pc), self._base(pc.base, pc.tenant), self.events,
                 slots, self.config.daemon.mem_floor_mib, self.config.daemon.health_interval_s,
-                self.records, self.metrics.observe_refill)
+                self.records, self.metrics.observe_refill,
+                refill_concurrency=self.config.daemon.refill_concurrency)
         self.recovery = await Recovery(self.records, self.leases, self.hypervisor,
                                        self.pools).run()
         for pool in self.pools.values():

@@ -61,9 +61,10 @@ class Pool(Lifecycle[PoolState]):
     def __init__(self, config: PoolConfig, vm_config: VmConfig, base: FactoryBase,
                  events: EventBus, refill_slots: asyncio.Semaphore, mem_floor_mib: int,
                  health_interval_s: float, records: VmRecords,
-                 on_refill: Callable[[str, float], None] | None = None) -> None:
+                 on_refill: Callable[[str, float], None] | None = None,
+                 refill_concurrency: int = 1) -> None:
         self.config = config
-        self.sizer = Sizer(config)
+        self.sizer = Sizer(config, refill_concurrency=refill_concurrency)
         self._on_refill = on_refill
         self.vm_config = vm_config
         self.base = base

@@ -13,8 +13,9 @@ window of one refill time holding at least 3 requests and more than random
 arrivals at the background rate (requests outside bursts, so regular bursts
 do not raise their own bar) would put there in one of 1000 two-minute spans (a
 Poisson tail bound).  The biggest burst of the last two minutes, plus the
-formula's value for the background alone, is the target's floor: 6 requests in
-a second over a trickle want 7 warm VMs, whatever the average, while the
+formula's value for the background arriving while that burst is refilled (in
+rounds of ``daemon.refill_concurrency`` refills), is the target's floor: 6
+requests in a second over a trickle want 8 warm VMs, whatever the average, while the
 ordinary peaks of a steady rate change nothing.  The target rises once the
 computed value is half a VM above it, and falls to it in one step only after
 the computed value stayed below it for a cool-down: under a steady rate it
@@ -92,9 +93,11 @@ def poisson_bar(mean: float, p: float) -> int:
 class Sizer:
     """The target of one pool, from what it sees: requests and refill times."""
 
-    def __init__(self, config: PoolConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, config: PoolConfig, clock: Callable[[], float] = time.monotonic,
+                 refill_concurrency: int = 1) -> None:
         self.config = config
         self._clock = clock
+        self._concurrency = max(1, refill_concurrency)  # refills in flight at once
         start = clock()
         self._fast = DecayingRate(FAST_TAU_S, start, FAST_TAU_S)
         # A young pool's slow counts are scaled up, but no more than 2.5 times: a burst
@@ -155,8 +158,10 @@ class Sizer:
         peak = self.peak()
         if not peak:
             return wanted
-        # The burst comes on top of the background, which goes on while the burst refills.
-        background = self._background.value(self._clock()) * self.refill_s
+        # The burst comes on top of the background, which goes on while the burst is
+        # refilled: in rounds of as many refills as may run at once.
+        recovery_s = self.refill_s * math.ceil(peak / self._concurrency)
+        background = self._background.value(self._clock()) * recovery_s
         return max(wanted, peak + background + HEADROOM * math.sqrt(background))
 
     def _burst_bar(self) -> int:

@@ -4,8 +4,9 @@ Two listeners, one app: the unix socket (``admin.socket``, mode 0600: only root
 connects, and is root), and optionally a loopback TCP port (``admin.tcp``)
 where anyone local may read (the status page, ``/metrics``) and only a caller
 presenting the token of ``admin.tcp_token_file`` may change anything.  Each
-listener marks its requests with the :class:`Caller` they count as.  The
-servers start after the gRPC listener and stop before it.
+listener marks its requests with the :class:`Caller` they count as.  Bodies
+are bounded (MAX_BODY, 413 beyond) and so are connections (MAX_CONNECTIONS, 503
+beyond).  The servers start after the gRPC listener and stop before it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import os
 import socket
@@ -34,6 +36,10 @@ logger = logging.getLogger(__name__)
 ADMIN = Caller(0, 0, 0, frozenset({0}), "admin")
 READER = Caller(65534, 65534, 0, frozenset(), "admin-tcp")  # nobody: sees, changes nothing
 STARTUP_S = 10.0
+# Every body this API takes is a few hundred bytes; anything local may reach the
+# TCP port, so nothing bigger is ever buffered.
+MAX_BODY = 64 * 1024
+MAX_CONNECTIONS = 64  # beyond it uvicorn answers 503 at once
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Any, Any], Awaitable[None]]
 
@@ -53,6 +59,49 @@ def _as(app: ASGIApp, caller_of: Callable[[Scope], Caller]) -> ASGIApp:
             scope[CALLER_KEY] = caller_of(scope)
         await app(scope, receive, send)
     return marked
+
+
+def _bounded(app: ASGIApp) -> ASGIApp:
+    """``app`` fed only bodies of at most MAX_BODY bytes, read before it runs (so
+    a token check or validation never waits on a slow or endless body); bigger
+    ones get 413 whether they declare their length or not."""
+    async def bounded(scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        declared = dict(scope.get("headers", ())).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > MAX_BODY:
+            return await _too_large(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY:
+                return await _too_large(send)
+            more = message.get("more_body", False)
+        body: dict[str, Any] | None = {"type": "http.request", "body": b"".join(chunks),
+                                       "more_body": False}
+
+        async def replay() -> Any:
+            nonlocal body
+            if body is None:
+                return await receive()  # only a disconnect can follow
+            message, body = body, None
+            return message
+        return await app(scope, replay, send)
+    return bounded
+
+
+async def _too_large(send: Any) -> None:
+    payload = json.dumps({"error": "PayloadTooLarge",
+                          "message": f"request bodies are at most {MAX_BODY} bytes"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(payload)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _token_caller(token: str) -> Callable[[Scope], Caller]:
@@ -89,8 +138,9 @@ class AdminServer:
                     f" and http://{self.config.tcp}" if self.config.tcp else "")
 
     async def _serve(self, app: ASGIApp, sock: socket.socket) -> None:
-        server = _Embedded(uvicorn.Config(app, lifespan="off", log_config=None,
-                                          access_log=False, timeout_graceful_shutdown=2))
+        server = _Embedded(uvicorn.Config(_bounded(app), lifespan="off", log_config=None,
+                                          access_log=False, timeout_graceful_shutdown=2,
+                                          limit_concurrency=MAX_CONNECTIONS))
         self._servers.append(server)
         task = self._tasks.spawn(f"uvicorn-{len(self._servers)}", server.serve, [sock])
         deadline = asyncio.get_running_loop().time() + STARTUP_S
