@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime_client.bundles import Bundle, ImageCache, find_executable
+from runtime_client.bundles import Bundle, ImageCache, ProcessSpec, find_executable
 from runtime_client.errors import ContainerError, ExecutableNotFound
 from runtime_client.records import ClientRecords, check_name
 from runtime_client.shims import Shim
@@ -197,12 +197,17 @@ class Container(Lifecycle[ContainerState]):
 
     @require(ContainerState.RUNNING)
     async def exec(self, args: list[str], *, terminal: bool = False,
-                   exec_id: str | None = None, rows: int = 0, cols: int = 0) -> str:
-        """Start another process in the container; return its exec id."""
+                   exec_id: str | None = None, rows: int = 0, cols: int = 0,
+                   spec: ProcessSpec | None = None) -> str:
+        """Start another process in the container; return its exec id.  Its env,
+        cwd and user are the first process's, or ``spec``'s when given."""
         exec_id = check_name("exec", exec_id or "e" + secrets.token_hex(4))
-        # The first process's env, cwd and user; its own command and terminal.
+        own = {} if spec is None else {
+            "env": spec.env, "cwd": spec.cwd, "uid": spec.user.uid, "gid": spec.user.gid,
+            "groups": spec.user.additional_gids}
         process = dataclasses.replace(self.process, args=tuple(args), terminal=terminal,
-                                      stdio=self.host.shim.relays_io, rows=rows, cols=cols)
+                                      stdio=self.host.shim.relays_io, rows=rows, cols=cols,
+                                      **own)
         await (await self.host.connect()).exec_process(self.name, exec_id, process)
         return exec_id
 

@@ -5,7 +5,10 @@ bundles from the host's static busybox (the demo's and the tests')."""
 
 from runtime_client.bundles.executables import find_executable, resolve_in_root
 from runtime_client.bundles.images import ImageCache
-from runtime_client.bundles.loading import DEFAULT_PATH, Bundle, ProcessSpec, User, load_bundle
+from runtime_client.bundles.loading import (
+    DEFAULT_PATH, Bundle, ProcessSpec, User, load_bundle,
+    parse_process,
+)
 
 __all__ = ["DEFAULT_PATH", "Bundle", "ImageCache", "ProcessSpec", "User", "find_executable",
-           "load_bundle", "resolve_in_root"]
+           "load_bundle", "parse_process", "resolve_in_root"]

@@ -164,6 +164,15 @@ def _parse_hostname(value: object) -> str:
     return value
 
 
+def parse_process(raw: object) -> ProcessSpec:
+    """An OCI ``process`` object (an exec's ``--process`` file), validated as a
+    bundle's is; BundleError naming the field."""
+    try:
+        return _parse_process(raw)
+    except _Invalid as exc:
+        raise BundleError(f"process: {exc}") from None
+
+
 def _parse_process(raw: object) -> ProcessSpec:
     if raw is None:
         raise _Invalid("process is required")
