@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from runtime_client.bundles import Bundle, ImageCache, ProcessSpec, find_executable
+from runtime_client.bundles.requests import Disks, container_setup, process_request
 from runtime_client.errors import ContainerError, ExecutableNotFound
 from runtime_client.records import ClientRecords, check_name
 from runtime_client.shims import Shim
 from runtime_client.vm import SandboxVm
-from vmfactory.agent.client import AgentClient, ProcessRequest
+from vmfactory.agent.client import AgentClient, ContainerSetup, ProcessRequest
 from vmfactory.errors import VmFactoryError, quote
 from vmfactory.guest.agent.errors import ExecFailed, NoSuchContainer
 from vmfactory.util.states import Lifecycle, require
@@ -56,8 +57,11 @@ class Container(Lifecycle[ContainerState]):
     """Made by :meth:`Sandbox.create_container` or loaded from its record."""
 
     def __init__(self, host: ContainerHost, name: str, serial: str, image: Path,
-                 process: ProcessRequest, hostname: str, bundle: str) -> None:
+                 process: ProcessRequest, hostname: str, bundle: str, *,
+                 setup: ContainerSetup | None = None, disks: Disks = ()) -> None:
         self.host = host
+        self.setup = setup  # only for the create: not recorded
+        self.disks = disks  # (serial, image) of the bundle's read-only directory binds
         self.name = name
         self.serial = serial
         self.image = image
@@ -83,13 +87,11 @@ class Container(Lifecycle[ContainerState]):
         if find_executable(bundle, spec.args[0]) is None:
             raise ExecutableNotFound(f"executable {quote(spec.args[0])} not found in the bundle's "
                                      f"root {bundle.rootfs}")
-        process = ProcessRequest(
-            args=spec.args, env=spec.env, cwd=spec.cwd, uid=spec.user.uid, gid=spec.user.gid,
-            groups=spec.user.additional_gids, terminal=spec.terminal,
-            stdio=host.shim.relays_io, rows=rows, cols=cols)
+        process = process_request(spec, stdio=host.shim.relays_io, rows=rows, cols=cols)
         image = host.images.image_for(bundle.rootfs)
+        setup, disks = container_setup(bundle.confinement, host.images)
         return cls(host, name, "c" + secrets.token_hex(6), image, process,
-                   bundle.hostname or name, str(bundle.path))
+                   bundle.hostname or name, str(bundle.path), setup=setup, disks=disks)
 
     @classmethod
     def from_record(cls, host: ContainerHost, record: dict[str, Any]) -> Container:
@@ -98,7 +100,8 @@ class Container(Lifecycle[ContainerState]):
                                  uid=p["uid"], gid=p["gid"], groups=tuple(p["groups"]),
                                  terminal=p["terminal"], stdio=p["stdio"])
         c = cls(host, record["name"], record["serial"], Path(record["image"]), process,
-                record["hostname"], record["bundle"])
+                record["hostname"], record["bundle"],
+                disks=tuple((s, Path(i)) for s, i in record.get("disks", ())))
         c._set_state(ContainerState(record["state"]))
         c.exit_code = record.get("exit_code")
         c.created = record.get("created", c.created)
@@ -109,6 +112,7 @@ class Container(Lifecycle[ContainerState]):
         return {"name": self.name, "sandbox": self.host.sandbox_id, "serial": self.serial,
                 "image": str(self.image), "bundle": self.bundle, "hostname": self.hostname,
                 "state": self.state.value, "exit_code": self.exit_code, "created": self.created,
+                "disks": [[serial, str(image)] for serial, image in self.disks],
                 "process": {"args": list(p.args), "env": list(p.env), "cwd": p.cwd,
                             "uid": p.uid, "gid": p.gid, "groups": list(p.groups),
                             "terminal": p.terminal, "stdio": p.stdio}}
@@ -124,9 +128,12 @@ class Container(Lifecycle[ContainerState]):
         t0 = time.monotonic()
         try:
             await vm.attach_disk(self.image, self.serial)
+            for serial, image in self.disks:
+                await vm.attach_disk(image, serial)
             self.timings["attach_ms"] = (time.monotonic() - t0) * 1000
             await (await conn).create_container(self.name, self.serial, self.hostname,
-                                                self.process, self.host.disk_timeout)
+                                                self.process, self.host.disk_timeout,
+                                                self.setup)
         except BaseException:
             await finish(self._undo_create(vm))
             raise
@@ -135,10 +142,12 @@ class Container(Lifecycle[ContainerState]):
         self.save()
 
     async def _undo_create(self, vm: SandboxVm) -> None:
-        try:
-            await vm.detach_disk(self.serial)
-        except VmFactoryError as exc:
-            logger.warning("container %s: detach after a failed create: %s", self.name, exc)
+        for serial in (self.serial, *(s for s, _ in self.disks)):
+            try:
+                await vm.detach_disk(serial)
+            except VmFactoryError as exc:  # (one never plugged is NotFound)
+                logger.debug("container %s: detach %s after a failed create: %s",
+                             self.name, serial, exc)
         self.host.records.delete_container(self.name)
 
     @require(ContainerState.CREATED)
@@ -202,12 +211,13 @@ class Container(Lifecycle[ContainerState]):
         """Start another process in the container; return its exec id.  Its env,
         cwd and user are the first process's, or ``spec``'s when given."""
         exec_id = check_name("exec", exec_id or "e" + secrets.token_hex(4))
-        own = {} if spec is None else {
-            "env": spec.env, "cwd": spec.cwd, "uid": spec.user.uid, "gid": spec.user.gid,
-            "groups": spec.user.additional_gids}
-        process = dataclasses.replace(self.process, args=tuple(args), terminal=terminal,
-                                      stdio=self.host.shim.relays_io, rows=rows, cols=cols,
-                                      **own)
+        stdio = self.host.shim.relays_io
+        if spec is None:
+            process = dataclasses.replace(self.process, args=tuple(args), terminal=terminal,
+                                          stdio=stdio, rows=rows, cols=cols)
+        else:
+            process = process_request(spec.with_args(args).with_terminal(terminal),
+                                      stdio=stdio, rows=rows, cols=cols)
         await (await self.host.connect()).exec_process(self.name, exec_id, process)
         return exec_id
 
@@ -240,6 +250,8 @@ class Container(Lifecycle[ContainerState]):
         except NoSuchContainer:
             pass  # the guest no longer has it (removed already, or a new guest)
         if not vm_going:
-            await (await self.host.machine()).detach_disk(self.serial)
+            machine = await self.host.machine()
+            for serial in (self.serial, *(s for s, _ in self.disks)):
+                await machine.detach_disk(serial)
         self.host.records.delete_container(self.name)
         logger.info("container %s removed", self.name)

@@ -1,7 +1,9 @@
 """Loading an OCI runtime-spec bundle: read and validate ``config.json``.
 
-Only the fields the sandbox uses are read (process, root, hostname); everything
-else an OCI config carries (mounts, linux, hooks, ...) is ignored on purpose.
+Read here: process, root, hostname; the confining parts (mounts, limits,
+capabilities, paths, sysctls, resources) in ``confine``.  Hooks run on the host
+and are the OCI command's (``runtime_client.oci.hooks``); seccomp, namespaces
+and cgroupsPath are not needed in a VM (see ``confine``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from runtime_client.bundles.confine import (
+    Confinement, ProcessLimits, parse_confinement, parse_process_limits,
+)
+from runtime_client.bundles.fields import Invalid as _Invalid
+from runtime_client.bundles.fields import opt_bool as _opt_bool
+from runtime_client.bundles.fields import text as _text
 from runtime_client.errors import BundleError
 from vmfactory.errors import quote
 
@@ -38,6 +46,7 @@ class ProcessSpec:
     cwd: str = "/"
     user: User = User()
     terminal: bool = False
+    limits: ProcessLimits = ProcessLimits()
 
     def with_args(self, args: Sequence[str]) -> ProcessSpec:
         """A copy running ``args`` instead (the CLI's ``-- CMD...``); they must be non-empty."""
@@ -61,23 +70,7 @@ class Bundle:
     process: ProcessSpec
     hostname: str
     readonly_root: bool
-
-
-class _Invalid(Exception):
-    """A config.json problem; load_bundle adds which bundle it is in."""
-
-
-def _text(value: str, where: str) -> str:
-    """``value`` if it has no NUL and is valid Unicode (JSON may carry a lone
-    surrogate, which no process argument or protobuf string can hold)."""
-    if "\0" in value:
-        raise _Invalid(f"{where} contains a NUL byte")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise _Invalid(f"{where} is not valid Unicode (a lone surrogate?)") from None
-    return value
-
+    confinement: Confinement = Confinement()
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -98,10 +91,11 @@ def load_bundle(path: str | Path) -> Bundle:
         process = _parse_process(config.get("process"))
         hostname = _parse_hostname(config.get("hostname"))
         root_path, readonly = _parse_root(config.get("root"))
+        confinement = parse_confinement(config)
     except _Invalid as exc:
         raise BundleError(f"bundle {given}: config.json: {exc}") from None
     rootfs = _check_rootfs(given, bundle_dir / root_path)
-    return Bundle(bundle_dir, rootfs, process, hostname, readonly)
+    return Bundle(bundle_dir, rootfs, process, hostname, readonly, confinement)
 
 
 def _read_config(given: Path, config_path: Path) -> dict[str, Any]:
@@ -189,7 +183,8 @@ def _parse_process(raw: object) -> ProcessSpec:
     return ProcessSpec(args=_parse_args(raw.get("args"), "process.args"),
                        env=_parse_env(raw.get("env")), cwd=cwd,
                        user=_parse_user(raw.get("user")),
-                       terminal=_opt_bool(raw.get("terminal"), "process.terminal"))
+                       terminal=_opt_bool(raw.get("terminal"), "process.terminal"),
+                       limits=parse_process_limits(raw))
 
 
 def _parse_args(raw: object, where: str = "process.args") -> tuple[str, ...]:
@@ -237,12 +232,4 @@ def _id(value: object, where: str) -> int:
     # bool is an int subclass; true/false as a uid is a config bug, not 1/0.
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ID:
         raise _Invalid(f"{where} must be an integer in 0..{MAX_ID}")
-    return value
-
-
-def _opt_bool(value: object, where: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise _Invalid(f"{where} must be true or false")
     return value

@@ -29,7 +29,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, NoReturn
 
-from runtime_client.oci import execs
+from runtime_client.oci import execs, hooks
 from runtime_client.oci.frontend import (
     await_report, check_bundle, open_console, resident_argv, spawn_reporting, write_pid_file,
 )
@@ -124,18 +124,35 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise OciError("cannot allocate tty if runc will detach without setting console socket")
     if args.console_socket and not terminal:
         raise OciError("cannot use console socket if runc will not detach or allocate tty")
+    bundle_hooks = hooks.parse(spec)
     cdir.claim()
+    pid = 0
     try:
+        hooks.save(cdir, bundle_hooks)
         slave = open_console(args.console_socket) if terminal else None
         pid, ready = spawn_reporting(
             resident_argv(cdir, bundle, config_path(args)), slave)
         await_report(pid, ready, f"container {cdir.id}", cdir.log)
+        hooks.run(bundle_hooks, ("prestart", "createRuntime"), public_state(cdir.load()))
         if args.pid_file:
             write_pid_file(args.pid_file, pid)
     except BaseException:
+        if pid:
+            _undo_create(cdir)
         _remove_dir(cdir)
         raise
     return 0
+
+
+def _undo_create(cdir: ContainerDir) -> None:
+    """A create that failed after its resident reported: it gives the VM back."""
+    try:
+        state = cdir.load()
+        if state["status"] != "stopped":
+            cdir.request("delete")
+            _wait_gone(state)
+    except OciError:
+        pass  # it is gone already
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -148,6 +165,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if status != "created":
         raise OciError(f"cannot start a container in the {status} state")
     cdir.request("start")
+    hooks.warn(hooks.load(cdir), ("poststart",), public_state(cdir.load()))
     return 0
 
 
@@ -184,6 +202,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
             if not args.force:
                 raise
         _wait_gone(state)
+    hooks.warn(hooks.load(cdir), ("poststop",), {**public_state(state), "status": "stopped"})
     _remove_dir(cdir)
     return 0
 

@@ -184,3 +184,80 @@ def test_a_missing_program_fails_create_before_any_vm(engine_env: Oci,
     assert len(lines) == 1 and "not found" in lines[0], lines
     assert env.rd.handouts() == before
     assert one_line_failure(env("state", "m")) == "container does not exist"
+
+
+def _hooked_bundle(env: Oci, rootfs: Path, name: str, fail_prestart: bool = False) -> Path:
+    bundle = env.bundle(rootfs, ["sleep", "2"], name)  # still running for poststart
+    config = json.loads((bundle / "config.json").read_text())
+    log = env.work / f"hooks-{name}"
+
+    def hook(kind: str) -> dict[str, object]:
+        script = f"read -r state; echo \"{kind} $state\" >> {log}"
+        if fail_prestart and kind == "prestart":
+            script += "; echo refused >&2; exit 3"
+        return {"path": "/bin/sh", "args": ["sh", "-c", script], "timeout": 30}
+    config["hooks"] = {k: [hook(k)] for k in ("prestart", "createRuntime", "poststart",
+                                              "poststop")}
+    (bundle / "config.json").write_text(json.dumps(config))
+    return bundle
+
+
+def test_hooks_run_on_the_host_with_the_state_on_stdin(engine_env: Oci,
+                                                       busybox_bundle: Path) -> None:
+    env = engine_env
+    engine = env.create(_hooked_bundle(env, busybox_bundle / "rootfs", "h"), "h")
+    assert engine.create_rc == 0, engine.output("stderr")
+    assert env("start", "h").returncode == 0
+    assert engine.exit_code() == 0
+    assert env("delete", "h").returncode == 0
+    calls = [line.split(" ", 1) for line in (env.work / "hooks-h").read_text().splitlines()]
+    assert [k for k, _ in calls] == ["prestart", "createRuntime", "poststart", "poststop"]
+    states = [json.loads(s) for _, s in calls]
+    assert all(s["id"] == "h" and s["pid"] in (engine.pid, 0) for s in states)
+    assert [s["status"] for s in states] == ["created", "created", "running", "stopped"]
+
+
+def test_a_failing_prestart_hook_fails_create_and_leaves_nothing(engine_env: Oci,
+                                                                 busybox_bundle: Path) -> None:
+    env = engine_env
+    engine = env.create(_hooked_bundle(env, busybox_bundle / "rootfs", "hf", True), "hf")
+    assert engine.create_rc == 1
+    lines = engine.output("stderr").strip().splitlines()
+    assert len(lines) == 1 and "prestart hook /bin/sh exited 3: refused" in lines[0], lines
+    assert one_line_failure(env("state", "hf")) == "container does not exist"
+    deadline = time.monotonic() + 30
+    while env.rd.leases():
+        assert time.monotonic() < deadline, "the failed create kept its lease"
+        time.sleep(0.2)
+
+
+def test_create_on_a_cold_image_cache_prints_nothing(engine_env: Oci,
+                                                     busybox_bundle: Path) -> None:
+    env = engine_env
+    rootfs = env.work / "fresh-rootfs"
+    shutil.copytree(busybox_bundle / "rootfs", rootfs, symlinks=True)
+    (rootfs / "marker").write_text(str(time.time_ns()))  # a tree no image was built of
+    engine = env.create(env.bundle(rootfs, ["true"], "cold"), "cold")
+    assert engine.create_rc == 0, engine.output("stderr")
+    assert env("start", "cold").returncode == 0
+    assert engine.exit_code() == 0
+    assert (engine.output("stdout"), engine.output("stderr")) == ("", "")
+    assert env("delete", "cold").returncode == 0
+
+
+def test_a_writable_directory_bind_fails_create_before_any_vm(engine_env: Oci,
+                                                              busybox_bundle: Path) -> None:
+    env = engine_env
+    bundle = env.bundle(busybox_bundle / "rootfs", ["true"], "wd")
+    (env.work / "vol").mkdir()
+    config = json.loads((bundle / "config.json").read_text())
+    config["mounts"] = [{"destination": "/vol", "type": "bind", "source": str(env.work / "vol"),
+                         "options": ["rbind"]}]
+    (bundle / "config.json").write_text(json.dumps(config))
+    before = env.rd.handouts()
+    engine = env.create(bundle, "wd")
+    assert engine.create_rc == 1
+    lines = engine.output("stderr").strip().splitlines()
+    assert len(lines) == 1 and "mounts[0]" in lines[0] and "writable" in lines[0], lines
+    assert env.rd.handouts() == before
+    assert one_line_failure(env("state", "wd")) == "container does not exist"

@@ -13,99 +13,45 @@ import select
 import shutil
 import struct
 import subprocess
-import sys
 import termios
-import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.oci.conftest import REPO
+from benchmarks.lib.podman import IMAGE, RUN_TIMEOUT_S, Podman
 from tests.runtime.conftest import RuntimeDaemon
 
 pytestmark = [pytest.mark.qemu,
               pytest.mark.skipif(shutil.which("podman") is None,
                                  reason="podman is not installed (./dev setup installs it)")]
 
-IMAGE = "localhost/vmf-busybox:test"
-RUN_TIMEOUT = 300
-
-
-def containers_conf(wrapper: Path) -> str:
-    """What the README tells a user to write (plus this machine's two settings)."""
-    return f"""[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-netns = "none"
-
-[engine]
-runtime = "vmfactory"
-runtime_supports_json = ["crun", "runc", "kata", "vmfactory"]
-
-[engine.runtimes]
-vmfactory = ["{wrapper}"]
-"""
-
-
-@dataclass
-class Podman:
-    rd: RuntimeDaemon
-    work: Path
-    env: dict[str, str]
-
-    def __call__(self, *args: str, input: bytes | None = None,
-                 timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess[bytes]:
-        argv = ["podman", "--root", str(self.work / "storage"), "--runroot",
-                str(self.work / "run"), "--storage-driver", "vfs", "--cgroup-manager",
-                "cgroupfs", "--events-backend", "none", *args]
-        return subprocess.run(argv, env=self.env, input=input, capture_output=True,
-                              timeout=timeout, stdin=None if input is not None
-                              else subprocess.DEVNULL)
-
 
 @pytest.fixture(scope="module")
 def podman(runtime_daemon: RuntimeDaemon, busybox_bundle: Path) -> Iterator[Podman]:
-    work = Path(tempfile.mkdtemp(prefix="vmfp-", dir="/tmp"))
-    wrapper = work / "vmfactory-oci"
-    # The installed command is .venv/bin/vmfactory-oci; this checkout's, for the test.
-    wrapper.write_text(f"#!/bin/sh\nPYTHONPATH={REPO} exec {sys.executable} -m "
-                       f"runtime_client.oci.cli --config {runtime_daemon.config} "
-                       f"\"$@\"\n")
-    wrapper.chmod(0o755)
-    (work / "containers.conf").write_text(containers_conf(wrapper))
-    env = {**os.environ, "CONTAINERS_CONF": str(work / "containers.conf")}
-    p = Podman(runtime_daemon, work, env)
-    tar = subprocess.run(["tar", "-C", str(busybox_bundle / "rootfs"), "-c", "."],
-                         capture_output=True, check=True).stdout
-    imported = p("import", "-", IMAGE, input=tar, timeout=120)
-    assert imported.returncode == 0, imported.stderr
+    p = Podman(runtime_daemon.config)
     try:
+        p.import_rootfs(busybox_bundle / "rootfs")
         yield p
     finally:
-        leftovers = p("ps", "-aq").stdout.split()
-        for cid in leftovers:
-            p("rm", "-f", cid.decode())
-        p("rmi", "-af")
-        subprocess.run(["umount", "-R", str(work / "storage")], capture_output=True)
-        shutil.rmtree(work, ignore_errors=True)
+        leftovers = p.close()
         assert not leftovers, f"containers left in podman: {leftovers}"
 
 
 @pytest.fixture
-def pm(podman: Podman) -> Iterator[Podman]:
+def pm(podman: Podman, runtime_daemon: RuntimeDaemon) -> Iterator[Podman]:
     yield podman
     left = podman("ps", "-aq").stdout.split()
     residents = [p.pid for p in psutil.process_iter(["cmdline"])
                  if "runtime_client.oci.resident" in (p.info["cmdline"] or [])]
     deadline = time.monotonic() + 40
-    while podman.rd.leases() and time.monotonic() < deadline:
+    while runtime_daemon.leases() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not left, f"podman containers left: {left}"
     assert not residents, f"residents left: {residents}"
-    assert podman.rd.leases() == []
+    assert runtime_daemon.leases() == []
 
 
 def test_run_rm_echo(pm: Podman) -> None:
@@ -147,15 +93,12 @@ def _run_on_pty(pm: Podman, args: list[str], rows: int, cols: int,
     the first output, optionally resize the terminal. Returns (exit code, output)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-    argv = ["podman", "--root", str(pm.work / "storage"), "--runroot", str(pm.work / "run"),
-            "--storage-driver", "vfs", "--cgroup-manager", "cgroupfs",
-            "--events-backend", "none", *args]
-    proc = subprocess.Popen(argv, env=pm.env, stdin=slave, stdout=slave, stderr=slave,
+    proc = subprocess.Popen(pm.argv(*args), env=pm.env, stdin=slave, stdout=slave, stderr=slave,
                             start_new_session=True,
                             preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
     os.close(slave)
     out = b""
-    deadline = time.monotonic() + RUN_TIMEOUT
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     resized = resize_to is None
     while time.monotonic() < deadline:
         ready, _, _ = select.select([master], [], [], 0.2)
@@ -174,7 +117,7 @@ def _run_on_pty(pm: Podman, args: list[str], rows: int, cols: int,
         if proc.poll() is not None and not ready:
             break
     os.close(master)
-    return proc.wait(timeout=RUN_TIMEOUT), out
+    return proc.wait(timeout=RUN_TIMEOUT_S), out
 
 
 def test_tty_size_and_resize(pm: Podman) -> None:
@@ -201,3 +144,26 @@ def test_detached_kill(pm: Podman) -> None:
         assert b"exited" in pm("inspect", "-f", "{{.State.Status}}", "vmf-k").stdout
     finally:
         assert pm("rm", "-f", "vmf-k").returncode == 0
+
+
+def test_podmans_files_limits_and_a_read_only_volume(pm: Podman, tmp_path: Path) -> None:
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    (vol / "marker").write_text("on the host\n")
+    out = pm("run", "--rm", "--name", "vmf-v", "--hostname", "vmf-host", "-v", f"{vol}:/data:ro",
+             "--ulimit", "nofile=1234:2345", IMAGE, "sh", "-c",
+             "echo $(cat /etc/hostname); ulimit -n; ulimit -Hn; cat /data/marker; "
+             "grep -c vmf-host /etc/hosts; test -f /run/.containerenv && echo env; "
+             "grep CapBnd /proc/self/status")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.decode().splitlines()
+    assert lines[:5] == ["vmf-host", "1234", "2345", "on the host", "1"], lines
+    assert lines[5] == "env"
+    assert lines[6] == "CapBnd:\t00000000a80425fb", lines  # podman's 14 default capabilities
+
+
+def test_a_writable_volume_is_refused_with_one_line(pm: Podman, tmp_path: Path) -> None:
+    (tmp_path / "rw").mkdir()
+    out = pm("run", "--rm", "-v", f"{tmp_path / 'rw'}:/rw", IMAGE, "true")
+    assert out.returncode != 0
+    assert b"writable bind mount of directory" in out.stderr, out.stderr

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -55,12 +55,60 @@ class ProcessRequest:
     stdio: bool = True
     rows: int = 0
     cols: int = 0
+    rlimits: tuple[tuple[str, int, int], ...] = ()  # (RLIMIT_..., soft, hard)
+    capabilities: Mapping[str, Sequence[str]] | None = None  # None: every capability
+    no_new_privileges: bool = False
+    oom_score_adj: int | None = None
 
     def message(self) -> pb.Process:
-        return pb.Process(args=self.args, env=self.env, cwd=self.cwd,
-                          user=pb.User(uid=self.uid, gid=self.gid, additional_gids=self.groups),
-                          terminal=self.terminal, stdio=self.stdio, rows=self.rows,
-                          cols=self.cols)
+        msg = pb.Process(args=self.args, env=self.env, cwd=self.cwd,
+                         user=pb.User(uid=self.uid, gid=self.gid, additional_gids=self.groups),
+                         terminal=self.terminal, stdio=self.stdio, rows=self.rows,
+                         cols=self.cols, no_new_privileges=self.no_new_privileges,
+                         rlimits=[pb.Rlimit(type=t, soft=s, hard=h) for t, s, h in self.rlimits])
+        if self.capabilities is not None:
+            msg.capabilities.CopyFrom(pb.Capabilities(**{k: list(v) for k, v in
+                                                         self.capabilities.items()}))
+        if self.oom_score_adj is not None:
+            msg.oom_score_adj = self.oom_score_adj
+        return msg
+
+
+@dataclass(frozen=True)
+class MountRequest:
+    """One mount the guest makes for a container (see agent.proto's Mount)."""
+
+    type: str
+    destination: str
+    options: tuple[str, ...] = ()
+    data: bytes = b""
+    mode: int = 0
+    disk_serial: str = ""
+
+
+@dataclass(frozen=True)
+class ContainerSetup:
+    """An OCI bundle's confinement; ``mounts`` None: the guest's default mounts."""
+
+    mounts: tuple[MountRequest, ...] | None = None
+    masked_paths: tuple[str, ...] = ()
+    readonly_paths: tuple[str, ...] = ()
+    sysctl: tuple[tuple[str, str], ...] = ()
+    resources: tuple[int, int, int, int] | None = None  # memory, cpu quota, period, pids
+
+    def fill(self, request: pb.CreateContainerRequest) -> None:
+        if self.mounts is not None:
+            request.oci_mounts = True
+            request.mounts.extend(pb.Mount(type=m.type, destination=m.destination,
+                                           options=m.options, data=m.data, mode=m.mode,
+                                           disk_serial=m.disk_serial) for m in self.mounts)
+        request.masked_paths.extend(self.masked_paths)
+        request.readonly_paths.extend(self.readonly_paths)
+        request.sysctl.update(dict(self.sysctl))
+        if self.resources is not None:
+            memory, quota, period, pids = self.resources
+            request.resources.CopyFrom(pb.Resources(memory_limit=memory, cpu_quota=quota,
+                                                    cpu_period=period, pids_limit=pids))
 
 
 def ended_during_write(exc: grpc.aio.AioRpcError) -> bool:
@@ -160,11 +208,14 @@ class AgentClient:
 
     # -- the Containers service ----------------------------------------------
     async def create_container(self, container_id: str, serial: str, hostname: str,
-                               process: ProcessRequest, disk_timeout: float) -> int:
+                               process: ProcessRequest, disk_timeout: float,
+                               setup: ContainerSetup | None = None) -> int:
         """Create a container rooted on the disk with ``serial``; its init's pid."""
         request = pb.CreateContainerRequest(
             container_id=container_id, disk_serial=serial, hostname=hostname,
             process=process.message(), disk_timeout_s=disk_timeout)
+        if setup is not None:
+            setup.fill(request)
         reply = await self._call("create-container", self._containers.CreateContainer, request,
                                  self.call_timeout + disk_timeout)
         return reply.pid

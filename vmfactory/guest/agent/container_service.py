@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from vmfactory.guest.agent import staging
+from vmfactory.guest.agent.confine import CAP_NUMBERS
 from vmfactory.guest.agent.containers import ContainerManager
 from vmfactory.guest.agent.errors import BadRequest, GuestError, status_of, trailers
 from vmfactory.guest.agent.launch import ProcessPlan
@@ -20,6 +24,7 @@ from vmfactory.proto import agent_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 MAX_ARG_BYTES = 128 * 1024
+MAX_RLIMITS = 16
 OUT_QUEUE = 16
 
 
@@ -40,7 +45,32 @@ def process_plan(msg: pb.Process) -> ProcessPlan:
         raise BadRequest(f"cwd {cwd!r} must be absolute")
     return ProcessPlan(args=list(msg.args), env=env, cwd=cwd, uid=msg.user.uid,
                        gid=msg.user.gid, groups=list(msg.user.additional_gids),
-                       terminal=msg.terminal)
+                       terminal=msg.terminal, rlimits=_rlimits(msg),
+                       capabilities=_capabilities(msg), no_new_privileges=msg.no_new_privileges,
+                       oom_score_adj=msg.oom_score_adj if msg.HasField("oom_score_adj")
+                       else None)
+
+
+def _rlimits(msg: pb.Process) -> list[list[Any]]:
+    if len(msg.rlimits) > MAX_RLIMITS:
+        raise BadRequest(f"more than {MAX_RLIMITS} rlimits")
+    out = []
+    for r in msg.rlimits:
+        if not r.type.startswith("RLIMIT_") or not hasattr(resource, r.type) or r.soft > r.hard:
+            raise BadRequest(f"rlimit {r.type[:40]!r}: unknown, or soft above hard")
+        out.append([r.type, r.soft, r.hard])
+    return out
+
+
+def _capabilities(msg: pb.Process) -> dict[str, list[str]] | None:
+    if not msg.HasField("capabilities"):
+        return None
+    c = msg.capabilities
+    sets = {"bounding": c.bounding, "effective": c.effective, "permitted": c.permitted,
+            "inheritable": c.inheritable, "ambient": c.ambient}
+    if any(len(v) > len(CAP_NUMBERS) * 2 or any(len(n) > 40 for n in v) for v in sets.values()):
+        raise BadRequest("capabilities: too many, or names too long")
+    return {k: list(v) for k, v in sets.items()}
 
 
 @contextlib.contextmanager
@@ -88,7 +118,7 @@ class ContainerService(pb_grpc.ContainersServicer):
             p = request.process
             container = await self.manager.create(
                 request.container_id, request.disk_serial, request.hostname, process_plan(p),
-                p.stdio, p.rows, p.cols, request.disk_timeout_s)
+                p.stdio, p.rows, p.cols, request.disk_timeout_s, staging.setup_of(request))
             assert container.init is not None
             return pb.CreateContainerReply(pid=container.init.pid)
         return await self._run(context, create())

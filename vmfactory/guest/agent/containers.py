@@ -19,7 +19,7 @@ import signal
 import time
 from pathlib import Path
 
-from vmfactory.guest.agent import linux
+from vmfactory.guest.agent import linux, staging
 from vmfactory.guest.agent.errors import (
     AgentStateError, AlreadyExists, BadRequest, ExecFailed, NoSuchContainer, Timeout,
 )
@@ -94,6 +94,7 @@ class Container(Lifecycle[ContainerState]):
         self.init: GuestProcess | None = None
         self.execs: dict[str, GuestProcess] = {}
         self.start_w = -1
+        self.cgroup = ""  # its cgroup directory, when the bundle limits resources
 
     @property
     def rootfs(self) -> Path:
@@ -134,7 +135,7 @@ class Container(Lifecycle[ContainerState]):
         err_r, err_w = os.pipe()
         plan = _plan(process, stdio, status_w, err_w)
         assert self.init is not None
-        plan.join_pid = self.init.pid
+        plan.join_pid, plan.cgroup = self.init.pid, self.cgroup
         proc.launch(launcher, plan, status_r, err_r)
         failed = await proc.exec_error()
         if failed is not None:
@@ -166,11 +167,15 @@ class Container(Lifecycle[ContainerState]):
         self._mount("overlay", self.rootfs, "overlay", 0,
                     f"lowerdir={lower},upperdir={rw}/upper,workdir={rw}/work")
 
+    def mount_disk(self, device: Path, target: Path) -> None:
+        """A read-only disk for one of the bundle's mounts (a directory bind)."""
+        self._mount(str(device), target, "ext4", linux.MS_RDONLY, None)
+
     def _mount(self, source: str, target: Path, fstype: str, flags: int, data: str | None) -> None:
         try:
             linux.mount(source, str(target), fstype, flags, data)
         except OSError as exc:
-            raise ExecFailed(f"cannot mount the container root ({fstype} on {target}): "
+            raise ExecFailed(f"container {self.id}: cannot mount {fstype} on {target}: "
                              f"{exc.strerror}") from exc
         self.mounts.append(str(target))
 
@@ -206,7 +211,7 @@ class ContainerManager:
 
     async def create(self, container_id: str, serial: str, hostname: str,
                      process: ProcessPlan, stdio_relay: bool, rows: int, cols: int,
-                     disk_timeout: float) -> Container:
+                     disk_timeout: float, setup: staging.Setup | None = None) -> Container:
         check_id("container id", container_id)
         if container_id in self.containers:
             raise AlreadyExists(f"container {container_id!r} exists")
@@ -216,7 +221,10 @@ class ContainerManager:
         try:
             device = await wait_disk(serial, disk_timeout)
             container.mount_root(device)
-            await self._launch_init(container, hostname, process, stdio_relay, rows, cols)
+            setup = setup or staging.Setup()
+            await staging.stage(container, setup, lambda serial: wait_disk(serial, disk_timeout))
+            container.cgroup = setup.cgroup
+            await self._launch_init(container, hostname, process, stdio_relay, rows, cols, setup)
         except BaseException:
             await self._discard(container)
             raise
@@ -225,7 +233,7 @@ class ContainerManager:
         return container
 
     async def _launch_init(self, container: Container, hostname: str, process: ProcessPlan,
-                           relay: bool, rows: int, cols: int) -> None:
+                           relay: bool, rows: int, cols: int, setup: staging.Setup) -> None:
         stdio = Stdio.open(relay, process.terminal, rows, cols)
         proc = GuestProcess(container.id, "", stdio)
         container.init = proc
@@ -234,6 +242,9 @@ class ContainerManager:
         start_r, container.start_w = os.pipe()
         plan = _plan(process, stdio, status_w, err_w)
         plan.root, plan.hostname, plan.start_fd = str(container.rootfs), hostname, start_r
+        plan.mounts, plan.masked_paths = setup.mounts, setup.masked_paths
+        plan.readonly_paths, plan.sysctl, plan.cgroup = (setup.readonly_paths, setup.sysctl,
+                                                         setup.cgroup)
         proc.launch(self.launcher, plan, status_r, err_r)
         # Both the monitor's "P" (the init's PID) and the init's "R" (root ready).
         ready = asyncio.ensure_future(asyncio.gather(asyncio.shield(proc.started),
@@ -305,5 +316,6 @@ class ContainerManager:
                 except asyncio.TimeoutError:
                     logger.warning("container %s: %s did not exit", container.id, proc.name)
             proc.close()
+        await staging.remove_cgroup(container.cgroup)
         container.unmount()
         self.containers.pop(container.id, None)

@@ -31,11 +31,10 @@ import sys
 import termios
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from vmfactory.guest.agent import linux
+from vmfactory.guest.agent import confine, linux
 
-DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 EXIT_SETUP_FAILED = 125
 EXIT_EXEC_FAILED = 127
 UNFORWARDED = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}
@@ -52,6 +51,10 @@ class ProcessPlan:
     gid: int = 0
     groups: list[int] = field(default_factory=list)
     terminal: bool = False
+    rlimits: list[list[Any]] = field(default_factory=list)  # [name, soft, hard]
+    capabilities: dict[str, list[str]] | None = None       # None: every capability
+    no_new_privileges: bool = False
+    oom_score_adj: int | None = None
 
 
 @dataclass
@@ -68,6 +71,12 @@ class LaunchPlan:
     hostname: str = ""
     start_fd: int = -1      # init: run the process after one byte arrives here
     join_pid: int = 0       # exec: the guest PID of the container's init
+    # init: the bundle's mounts (None: /proc, /dev and /dev/shm), paths, sysctls
+    mounts: list[dict[str, Any]] | None = None
+    masked_paths: list[str] = field(default_factory=list)
+    readonly_paths: list[str] = field(default_factory=list)
+    sysctl: dict[str, str] = field(default_factory=dict)
+    cgroup: str = ""        # the container's cgroup directory, joined by the monitor
 
     FD_FIELDS = ("stdin", "stdout", "stderr", "status_fd", "exec_err_fd", "start_fd")
 
@@ -75,7 +84,9 @@ class LaunchPlan:
         """The plan as one message: JSON, with fds replaced by indexes into a list."""
         fds: list[int] = []
         data = {"process": self.process.__dict__, "root": self.root,
-                "hostname": self.hostname, "join_pid": self.join_pid}
+                "hostname": self.hostname, "join_pid": self.join_pid, "mounts": self.mounts,
+                "masked_paths": self.masked_paths, "readonly_paths": self.readonly_paths,
+                "sysctl": self.sysctl, "cgroup": self.cgroup}
         for name in self.FD_FIELDS:
             fd = getattr(self, name)
             if fd < 0:
@@ -205,6 +216,7 @@ def run_monitor(plan: LaunchPlan) -> NoReturn:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the launcher's; we wait for ours
         _close_other_fds(plan.child_fds() | {plan.status_fd})
         os.setsid()
+        confine.join_cgroup(plan.cgroup)  # first: everything forked from here is in it
         if plan.join_pid:
             _join_namespaces(plan.join_pid)
         else:
@@ -237,23 +249,6 @@ def _join_namespaces(pid: int) -> None:
     os.close(root_fd)
 
 
-def _mount_proc_dev(root: Path) -> None:
-    (root / "proc").mkdir(exist_ok=True)
-    linux.mount("proc", str(root / "proc"), "proc",
-                linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
-    dev = root / "dev"
-    dev.mkdir(exist_ok=True)
-    linux.mount("tmpfs", str(dev), "tmpfs", linux.MS_NOSUID, "mode=755,size=1024k")
-    for node in DEV_NODES:
-        (dev / node).touch()
-        linux.mount(f"/dev/{node}", str(dev / node), None, linux.MS_BIND)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        (dev / name).symlink_to(target)
-    (dev / "shm").mkdir()
-    linux.mount("shm", str(dev / "shm"), "tmpfs", linux.MS_NOSUID | linux.MS_NODEV, "mode=1777")
-
-
 def _enter_root(root: Path) -> None:
     """Make ``root`` this mount namespace's root and drop the guest's."""
     os.chdir(root)
@@ -272,8 +267,12 @@ def _run_init(plan: LaunchPlan) -> NoReturn:
     try:
         if plan.hostname:
             linux.sethostname(plan.hostname)
-        _mount_proc_dev(Path(plan.root))
-        _enter_root(Path(plan.root))
+        root = Path(plan.root)
+        confine.apply_mounts(root, confine.DEFAULT_MOUNTS if plan.mounts is None
+                             else plan.mounts)
+        confine.apply_sysctl(root, plan.sysctl)
+        confine.mask_paths(root, plan.masked_paths, plan.readonly_paths)
+        _enter_root(root)
     except BaseException as exc:  # noqa: BLE001
         _report(plan.exec_err_fd, f"container setup failed: {exc}", exc)
         os._exit(EXIT_SETUP_FAILED)
@@ -305,9 +304,12 @@ def _run_process(plan: LaunchPlan) -> NoReturn:
             fcntl.ioctl(plan.stdin, termios.TIOCSCTTY, 0)
         for target, fd in ((0, plan.stdin), (1, plan.stdout), (2, plan.stderr)):
             os.dup2(fd, target)
+        confine.limit_process(spec.rlimits, spec.oom_score_adj)
+        confine.drop_bounding(spec.capabilities)
         os.setgroups(spec.groups)
         os.setgid(spec.gid)
         os.setuid(spec.uid)
+        confine.set_capabilities(spec.capabilities, spec.no_new_privileges)
         os.chdir(spec.cwd)
     except BaseException as exc:  # noqa: BLE001
         _report(plan.exec_err_fd, f"process setup failed: {exc}", exc)
