@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from runtime_client.bundles import find_executable, load_bundle
 from runtime_client.errors import ExecutableNotFound
 from runtime_client.sandbox import Runtime
+from runtime_client.signames import signal_number
 from vmfactory.config import Config, load_config
 from vmfactory.errors import ConfigError, InvalidRequest, VmFactoryError, quote
 from vmfactory.guest.agent.errors import CannotExecute
@@ -77,17 +77,10 @@ def _add_stdio(p: argparse.ArgumentParser) -> None:
 
 
 def parse_signal(value: str) -> int:
-    name = value.upper()
-    if name.isdigit():
-        number = int(name)
-    else:
-        try:
-            number = signal.Signals[name if name.startswith("SIG") else "SIG" + name].value
-        except KeyError:
-            raise InvalidRequest(f"unknown signal {quote(value)}") from None
-    if not 0 < number < signal.NSIG:
-        raise InvalidRequest(f"signal {quote(value)} is out of range")
-    return number
+    try:
+        return signal_number(value)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def _command(args: argparse.Namespace) -> list[str] | None:

@@ -36,6 +36,7 @@ from runtime_client.oci.frontend import (
 from runtime_client.oci.state import (
     DEFAULT_ROOT, OCI_VERSION, ContainerDir, OciError, check_id, public_state,
 )
+from runtime_client.signames import signal_number
 
 PROG = "vmfactory-oci"
 VERSION = "0.1.0"
@@ -90,18 +91,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_signal(value: str) -> int:
-    """runc's forms: 9, KILL, SIGKILL (any case)."""
-    name = value.upper()
-    if name.isdigit():
-        number = int(name)
-    else:
-        try:
-            number = signal.Signals[name if name.startswith("SIG") else "SIG" + name].value
-        except KeyError:
-            raise OciError(f"unknown signal {value[:40]!r}") from None
-    if not 0 < number < signal.NSIG:
-        raise OciError(f"signal {value[:40]!r} is out of range")
-    return number
+    try:
+        return signal_number(value)
+    except ValueError as exc:
+        raise OciError(str(exc)) from None
 
 
 def config_path(args: argparse.Namespace) -> str | None:
