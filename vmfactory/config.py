@@ -160,6 +160,13 @@ class DaemonConfig:
     tcp_token_file: str = ""
     grace_s: float = 10.0
     refill_concurrency: int = 2
+    # A VM being made for a pool (clone, warm-up) runs at this nice value, so it
+    # yields the CPUs to handouts and to the VMs in use; 0 at handout.
+    refill_nice: int = 19
+    # A refill waits until no VM was handed out for this long (a burst is served
+    # first), unless the pool holds fewer than refill_low_water ready VMs.
+    refill_quiet_s: float = 0.2
+    refill_low_water: int = 1
     # Refills pause while the host's available memory is under this.
     mem_floor_mib: int = 1024
     # How often pooled VMs are checked for a dead QEMU.
@@ -185,6 +192,9 @@ class DaemonConfig:
             raise ConfigError("daemon.tcp", f"{self.tcp!r}: only a loopback HOST:PORT is allowed")
         _check_range("daemon.grace_s", self.grace_s, 0, 600)
         _check_range("daemon.refill_concurrency", self.refill_concurrency, 1, 64)
+        _check_range("daemon.refill_nice", self.refill_nice, 0, 19)
+        _check_range("daemon.refill_quiet_s", self.refill_quiet_s, 0, 60)
+        _check_range("daemon.refill_low_water", self.refill_low_water, 0, 1000)
         _check_range("daemon.mem_floor_mib", self.mem_floor_mib, 0, MAX_MEMORY_MIB)
         _check_range("daemon.health_interval_s", self.health_interval_s, 0.05, 3600)
         if self.tcp and not self.tcp_token_file:

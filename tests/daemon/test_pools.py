@@ -225,3 +225,39 @@ async def test_a_request_cancelled_at_any_point_leaves_nothing_unaccounted(root:
     finally:
         await daemon.shutdown()
     assert not standins(root)
+
+
+async def test_pooled_vms_wait_at_idle_priority_and_a_handout_gets_its_own_back(
+        root: Path) -> None:
+    daemon = await started(standin_config(root, refill_nice=19))
+    pool = daemon.pools["p"]
+    try:
+        await until(lambda: len(pool.ready) == 2, what="pool full")
+        assert [os.getpriority(os.PRIO_PROCESS, vm.pid) for vm in pool.ready] == [19, 19]
+        lease = await daemon.get_vm(VmRequest(), soon(), ME)
+        assert lease.vm.pid is not None
+        threads = os.listdir(f"/proc/{lease.vm.pid}/task")
+        assert {os.getpriority(os.PRIO_PROCESS, int(t)) for t in threads} == {0}
+        await daemon.release(lease.id, ME)
+    finally:
+        await daemon.shutdown()
+
+
+async def test_refills_wait_for_a_quiet_gap_unless_the_pool_runs_low(root: Path) -> None:
+    daemon = await started(standin_config(root, [{**POOL, "min_size": 2, "max_size": 2}],
+                                          refill_quiet_s=5.0, refill_low_water=1))
+    pool = daemon.pools["p"]
+    try:
+        await until(lambda: len(pool.ready) == 2 and pool.refilling == 0, what="pool full")
+        first = await daemon.get_vm(VmRequest(), soon(), ME)
+        await asyncio.sleep(0.5)
+        assert pool.refilling == 0 and len(pool.ready) == 1  # one left: the burst goes first
+        second = await daemon.get_vm(VmRequest(), soon(), ME)
+        # None left, under the low-water mark: refilled without waiting for quiet.
+        await until(lambda: pool.refilling > 0 or len(pool.ready) > 0, timeout=4.0,
+                    what="a refill under the low-water mark")
+        for lease in (first, second):
+            await daemon.release(lease.id, ME)
+    finally:
+        await daemon.shutdown()
+    assert not standins(root)

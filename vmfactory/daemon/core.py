@@ -28,7 +28,7 @@ from vmfactory.daemon.disks import open_disk, prepare_default_root
 from vmfactory.daemon.events import EventBus, EventKind, PoolEvent
 from vmfactory.daemon.leases import Lease, LeaseTable, VmSource, new_lease_id
 from vmfactory.daemon.metrics import DaemonMetrics
-from vmfactory.daemon.pools import Pool
+from vmfactory.daemon.pools import Pool, RefillPolicy
 from vmfactory.daemon.records import VmRecords
 from vmfactory.daemon.recovery import Recovery, RecoveryReport
 from vmfactory.daemon.requests import (
@@ -107,7 +107,10 @@ class Daemon(Lifecycle[DaemonState]):
                 pc, self._pool_vm_config(pc), self._base(pc.base, pc.tenant), self.events,
                 slots, self.config.daemon.mem_floor_mib, self.config.daemon.health_interval_s,
                 self.records, self.metrics.observe_refill,
-                refill_concurrency=self.config.daemon.refill_concurrency)
+                refill_concurrency=self.config.daemon.refill_concurrency,
+                refill=RefillPolicy(self.config.daemon.refill_nice,
+                                    self.config.daemon.refill_quiet_s,
+                                    self.config.daemon.refill_low_water))
         self.recovery = await Recovery(self.records, self.leases, self.hypervisor,
                                        self.pools).run()
         for pool in self.pools.values():

@@ -51,6 +51,16 @@ class PoolState(enum.Enum):
     CLOSED = "closed"
 
 
+@dataclasses.dataclass(frozen=True)
+class RefillPolicy:
+    """How refills yield to handouts (see DaemonConfig.refill_*); the default
+    yields nothing, for callers that do not care."""
+
+    nice: int = 0
+    quiet_s: float = 0.0
+    low_water: int = 0
+
+
 class Pool(Lifecycle[PoolState]):
     """Keeps ``min_size`` ready VMs of ``config``.
 
@@ -62,8 +72,10 @@ class Pool(Lifecycle[PoolState]):
                  events: EventBus, refill_slots: asyncio.Semaphore, mem_floor_mib: int,
                  health_interval_s: float, records: VmRecords,
                  on_refill: Callable[[str, float], None] | None = None,
-                 refill_concurrency: int = 1) -> None:
+                 refill_concurrency: int = 1, refill: RefillPolicy | None = None) -> None:
         self.config = config
+        self._refill = refill or RefillPolicy()
+        self._last_handout = 0.0
         self.sizer = Sizer(config, refill_concurrency=refill_concurrency)
         self._on_refill = on_refill
         self.vm_config = vm_config
@@ -134,6 +146,7 @@ class Pool(Lifecycle[PoolState]):
             # Refill after the handout, not during it: a clone being made competes
             # with the handout for the host's CPUs.
             self._kick()
+            self._last_handout = time.monotonic()
             self.handouts += 1
             self._emit(EventKind.HANDOUT, vm.id)
             return vm, VmSource.POOL
@@ -176,8 +189,9 @@ class Pool(Lifecycle[PoolState]):
     async def _activate(self, vm: Vm) -> None:
         if vm.pid is None:
             raise FactoryError(f"vm {vm.id} has no process")
-        # Resume and set the clock; the agent answering proves it alive.  The RNG
-        # was reseeded when the VM entered the pool (see _make_one).
+        # Its own priority back, then resume and set the clock; the agent answering
+        # proves it alive.  The RNG was reseeded when it entered the pool (_make_one).
+        vm.set_priority(0)
         await prepare_vm(vm, reseed=False)
 
     async def _replace(self, vm: Vm, why: str) -> None:
@@ -204,6 +218,9 @@ class Pool(Lifecycle[PoolState]):
                 if not self._memory_ok():
                     await asyncio.sleep(MEMORY_RECHECK_S)
                     continue
+                if (wait := self._until_quiet()) > 0:
+                    await self._wait_kick(wait)  # a handout meanwhile may empty the pool
+                    continue
                 self.refilling += 1
                 if self._tasks.spawn("refill-one", self._refill_one) is None:
                     self.refilling -= 1  # closing
@@ -216,6 +233,21 @@ class Pool(Lifecycle[PoolState]):
             else:
                 backoff = REFILL_BACKOFF_S[0]
                 await self._kick_event.wait()
+
+    async def _wait_kick(self, seconds: float) -> None:
+        self._kick_event.clear()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._kick_event.wait()
+        except TimeoutError:
+            pass  # quiet long enough
+
+    def _until_quiet(self) -> float:
+        """Seconds until a refill may start: 0 once no VM was handed out for
+        refill_quiet_s, or at once while the pool is under its low-water mark."""
+        if len(self.ready) < self._refill.low_water:
+            return 0.0
+        return max(0.0, self._last_handout + self._refill.quiet_s - time.monotonic())
 
     def _memory_ok(self) -> bool:
         available = psutil.virtual_memory().available >> 20
@@ -254,24 +286,26 @@ class Pool(Lifecycle[PoolState]):
         self._emit(EventKind.REFILL_FAILED, detail=f"{type(exc).__name__}: {exc}")
 
     async def _make_one(self) -> Vm:
-        """A VM for the pool, ready to hand out."""
+        """A VM for the pool, ready to hand out; made at idle CPU priority, within
+        a refill slot (the warm-up too: it is most of a refill's CPU)."""
         async with self._slots:
             vm = await self.base.get_vm(self.vm_config)
-        try:
-            # The base ran the get-VM sequence (reseeded: clones share their
-            # template's RNG state until then).  Run the handout path and a gRPC
-            # call once more, so their guest code is already in TCG's
-            # translation cache when the handout comes.
-            await prepare_vm(vm, reseed=False)
-            if vm.agent is not None:
-                await vm.agent.wait_ready(vm.timeouts.agent_call)
-            if self.config.warm_containers:
-                await self._warm(vm)
-            if not self.config.keep_running:
-                await vm.pause()
-        except BaseException:
-            await finish(vm.stop())
-            raise
+            try:
+                vm.set_priority(self._refill.nice)
+                # The base ran the get-VM sequence (reseeded: clones share their
+                # template's RNG state until then).  Run the handout path and a gRPC
+                # call once more, so their guest code is already in TCG's
+                # translation cache when the handout comes.
+                await prepare_vm(vm, reseed=False)
+                if vm.agent is not None:
+                    await vm.agent.wait_ready(vm.timeouts.agent_call)
+                if self.config.warm_containers:
+                    await self._warm(vm)
+                if not self.config.keep_running:
+                    await vm.pause()
+            except BaseException:
+                await finish(vm.stop())
+                raise
         return vm
 
     async def _warm(self, vm: Vm) -> None:

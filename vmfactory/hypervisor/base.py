@@ -247,6 +247,23 @@ class Vm(Lifecycle[VmState], ABC):
     def pid(self) -> int | None:
         """The process that holds the VM, while it runs."""
 
+    def set_priority(self, nice: int) -> None:
+        """The CPU priority of every thread of the VM's process (QEMU's vCPU and I/O
+        threads alike): a VM being made for a pool runs at ``nice`` 19, so it yields
+        to the VMs in use; it gets 0 back when it is handed out."""
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            return  # gone: the health loop deals with it
+        for tid in threads:
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+            except (ProcessLookupError, PermissionError):
+                pass  # that thread ended meanwhile; raising needs root, which the daemon is
+
     @require(*LIVE)
     def memory(self) -> MemoryUsage:
         """Host memory used by the VM's process."""
