@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "recovery": ([], ["-n", "4"]),
     "pool": ([], ["--quick"]),
     "sizing": ([], ["--quick"]),
+    "engines": ([], ["-n", "2"]),
 }
 PREFIX = "run_all:"
 

@@ -113,8 +113,20 @@ def sizing_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def engines_lines(r: dict[str, Any]) -> list[str]:
+    lines = []
+    for command, by in (r.get("commands") or {}).items():
+        runc, vmf = by.get("runc", {}), by.get("vmfactory", {})
+        gap = ((r.get("target") or {}).get(command) or {}).get("gap_ms")
+        lines.append(f"`podman run --rm IMAGE {command}`: runc {_median(runc, 'wall_ms')} ms, "
+                     f"vmfactory-oci {_median(vmf, 'wall_ms')} ms (gap {fmt(gap)} ms, "
+                     f"target <= {fmt(r.get('target_gap_ms'))} ms)")
+    return lines
+
+
 HEADLINES = {"boot": boot_lines, "template": template_lines, "pool": pool_lines,
-             "recovery": recovery_lines, "run": run_lines, "sizing": sizing_lines}
+             "recovery": recovery_lines, "run": run_lines, "sizing": sizing_lines,
+             "engines": engines_lines}
 
 
 def section(name: str, run: dict[str, Any], out: Path) -> list[str]:

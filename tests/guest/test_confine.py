@@ -3,6 +3,8 @@ as runc reads them, capability masks, and CreateContainer's validation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vmfactory.guest.agent import confine, linux, staging
@@ -62,3 +64,15 @@ def test_without_oci_mounts_the_defaults_stand() -> None:
 def test_bad_setups_are_bad_requests(kw: dict[str, object]) -> None:
     with pytest.raises(BadRequest):
         staging.setup_of(_request(**kw))
+
+
+def test_a_mount_point_that_is_a_symlink_is_replaced_one_on_the_way_refused(
+        tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "resolv.conf").symlink_to("/run/elsewhere/resolv.conf")
+    target = confine._target(tmp_path, "/etc/resolv.conf", True)
+    assert target.is_file() and not target.is_symlink()
+    (tmp_path / "var").symlink_to("/")
+    with pytest.raises(OSError, match="symlink"):
+        confine._target(tmp_path, "/var/lib/x", False)
+    assert confine._target(tmp_path, "/new/dir", False).is_dir()

@@ -61,15 +61,20 @@ def mount_flags(options: list[str]) -> tuple[int, str]:
 
 
 def _target(root: Path, destination: str, is_file: bool) -> Path:
-    """``destination`` under ``root``, made if missing; a symlink on the way is
-    refused (the container's image must not redirect a mount out of its root)."""
+    """``destination`` under ``root``, made if missing.  A symlink on the way is
+    refused (the image must not redirect a mount out of its root); one as the
+    last component (an image's /etc/resolv.conf, say) is replaced by the mount
+    point: the root's upper layer is the container's own."""
     path = root
     parts = [p for p in destination.split("/") if p]
     for i, part in enumerate(parts):
         path = path / part
+        last = i == len(parts) - 1
         if path.is_symlink():
-            raise OSError(40, f"mount destination {destination}: {path} is a symlink")
-        if i == len(parts) - 1 and is_file:
+            if not last:
+                raise OSError(40, f"mount destination {destination}: {path} is a symlink")
+            path.unlink()
+        if last and is_file:
             if not path.exists():
                 path.touch(mode=0o644)
         else:
