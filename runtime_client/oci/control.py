@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from runtime_client.bundles import parse_process
 from runtime_client.container import Container
-from runtime_client.oci.state import ContainerDir, OciError
+from runtime_client.oci.state import ContainerDir, OciError, socket_path
 from runtime_client.shims.iorelay import host_terminal_size, relay_io
 from vmfactory.errors import VmFactoryError
 
@@ -123,7 +123,8 @@ class ControlServer:
         path = self.resident.cdir.control
         path.unlink(missing_ok=True)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(path))
+        with socket_path(path) as address:
+            listener.bind(address)
         os.chmod(path, 0o600)
         listener.listen(16)
         listener.setblocking(False)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 from runtime_client.oci.frontend import (
     await_report, become_terminal_owner, open_console, write_pid_file,
 )
-from runtime_client.oci.state import ContainerDir, OciError, check_id
+from runtime_client.oci.state import ContainerDir, OciError, check_id, socket_path
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
              signal.SIGUSR2)
@@ -126,7 +126,8 @@ def relay(cdir: ContainerDir, process: dict[str, Any], ready_fd: int | None) -> 
     and resizes, return its exit code."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        s.connect(str(cdir.control))
+        with socket_path(cdir.control) as address:
+            s.connect(address)
     except OSError as exc:
         raise OciError(f"container {cdir.id}: its process does not answer "
                        f"({exc.strerror or exc})") from None

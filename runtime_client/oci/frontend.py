@@ -25,7 +25,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-from runtime_client.oci.state import ContainerDir, OciError
+from runtime_client.oci.state import ContainerDir, OciError, socket_path
 
 CREATE_TIMEOUT_S = 600.0  # a cold TCG boot when no pool answers is slow; a warm one is ms
 
@@ -45,7 +45,8 @@ def open_console(console_socket: str) -> int:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(30)
-            s.connect(console_socket)
+            with socket_path(console_socket) as address:
+                s.connect(address)
             socket.send_fds(s, [os.ttyname(slave).encode()], [master])
     except OSError as exc:
         os.close(slave)

@@ -18,11 +18,13 @@ import os
 import re
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 # typing and dataclasses cost ~20 ms of import, a third of this command's budget:
 # annotations are strings here, so typing is only needed by the type checker.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
 OCI_VERSION = "1.0.2-dev"
@@ -32,8 +34,28 @@ CONTROL_TIMEOUT_S = 60.0  # a start or delete round trip; the guest is slow unde
 MAX_REPLY = 1 << 20
 
 
+SUN_PATH_MAX = 107  # what a unix socket address holds, without its NUL
+
+
 class OciError(Exception):
     """A failed command: its message is the one line the caller sees."""
+
+
+@contextmanager
+def socket_path(path: Path | str) -> Iterator[str]:
+    """An address to bind or connect a unix socket at ``path``: itself, or when it
+    is too long (engines' roots and 64-character ids easily are) the same file
+    through a descriptor of its directory, /proc/self/fd/N/NAME."""
+    text = str(path)
+    if len(os.fsencode(text)) <= SUN_PATH_MAX:
+        yield text
+        return
+    directory, _, name = text.rpartition("/")
+    fd = os.open(directory or "/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
 
 
 def check_id(container_id: str) -> str:
@@ -123,7 +145,8 @@ class ContainerDir:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             try:
-                s.connect(str(self.control))
+                with socket_path(self.control) as address:
+                    s.connect(address)
                 s.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
                 reply = _read_line(s)
             except socket.timeout:

@@ -114,3 +114,23 @@ def test_the_command_imports_only_the_standard_library() -> None:
     stdlib = set(sys.stdlib_module_names) | {"runtime_client", "__main__", "_distutils_hack",
                                              "__editable___vmfactory_0_1_0_finder"}
     assert {m for m in modules if m.lstrip("_") not in stdlib and m not in stdlib} == set()
+
+
+def test_sockets_deep_under_a_long_root_are_reachable(tmp_path: Path) -> None:
+    # docker's root and 64-character ids make ROOT/ID/control.sock longer than a
+    # unix socket address may be.
+    import socket
+
+    from runtime_client.oci.state import SUN_PATH_MAX, socket_path
+    deep = tmp_path / ("r" * 60) / ("0123456789abcdef" * 4)
+    deep.mkdir(parents=True)
+    path = deep / "control.sock"
+    assert len(str(path)) > SUN_PATH_MAX
+    with socket.socket(socket.AF_UNIX) as listener, socket.socket(socket.AF_UNIX) as client:
+        with socket_path(path) as address:
+            listener.bind(address)
+        listener.listen()
+        assert path.is_socket()
+        with socket_path(path) as address:
+            client.connect(address)
+        listener.accept()[0].close()
