@@ -31,10 +31,12 @@ if TYPE_CHECKING:
 
 from runtime_client.oci import execs, hooks
 from runtime_client.oci.frontend import (
-    await_report, check_bundle, open_console, resident_argv, spawn_reporting, write_pid_file,
+    Refused, await_report, check_bundle, open_console, resident_argv, spawn_reporting,
+    write_pid_file,
 )
 from runtime_client.oci.state import (
-    DEFAULT_ROOT, OCI_VERSION, ContainerDir, OciError, check_id, public_state,
+    DEFAULT_ROOT, OCI_VERSION, ContainerDir, OciError, check_id, process_start_time,
+    public_state,
 )
 from runtime_client.signames import signal_number
 
@@ -42,6 +44,7 @@ PROG = "vmfactory-oci"
 VERSION = "0.1.0"
 SYSTEM_CONFIG = Path("/etc/vmfactory/vmfactory.toml")
 DELETE_WAIT_S = 30.0
+FORGET_WAIT_S = 120.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,23 +132,28 @@ def cmd_create(args: argparse.Namespace) -> int:
         hooks.run(bundle_hooks, ("prestart", "createRuntime"), public_state(cdir.load()))
         if args.pid_file:
             write_pid_file(args.pid_file, pid)
-    except BaseException:
-        if pid:
-            _undo_create(cdir)
+    except BaseException as exc:
+        if pid and not isinstance(exc, Refused):
+            _undo_create(cdir, pid, args)
         _remove_dir(cdir)
         raise
     return 0
 
 
-def _undo_create(cdir: ContainerDir) -> None:
-    """A create that failed after its resident reported: it gives the VM back."""
+def _undo_create(cdir: ContainerDir, pid: int, args: argparse.Namespace) -> None:
+    """A create that failed after its resident was forked: it gives the VM back,
+    or, dead or deaf, is killed and a helper does."""
     try:
-        state = cdir.load()
-        if state["status"] != "stopped":
-            cdir.request("delete")
-            _wait_gone(state)
+        cdir.request("delete")
+        _wait_gone({"pid": pid, "pid_start": process_start_time(pid)})
+        return
     except OciError:
-        pass  # it is gone already
+        pass
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    _forget(cdir, args)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -195,9 +203,26 @@ def cmd_delete(args: argparse.Namespace) -> int:
             if not args.force:
                 raise
         _wait_gone(state)
+    elif state.get("died"):
+        _forget(cdir, args)
     hooks.warn(hooks.load(cdir), ("poststop",), {**public_state(state), "status": "stopped"})
     _remove_dir(cdir)
     return 0
+
+
+def _forget(cdir: ContainerDir, args: argparse.Namespace) -> None:
+    """Its resident was killed: a helper gives back what it held (rare: it costs
+    the heavy imports the front end avoids)."""
+    import subprocess
+    argv = [sys.executable, "-m", "runtime_client.oci.resident", "--root", str(cdir.root),
+            "--id", cdir.id, "--forget"]
+    config = config_path(args)
+    try:
+        subprocess.run(argv + (["--config", config] if config else []), timeout=FORGET_WAIT_S,
+                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"vmfactory-oci: warning: container {cdir.id}: its VM is given back at its "
+              f"lease's end", file=sys.stderr)
 
 
 def _wait_gone(state: dict[str, Any]) -> None:

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 
 from runtime_client.oci.state import ContainerDir, OciError, socket_path
 
+class Refused(OciError):
+    """The forked process reported why it failed (and undid what it had done)."""
+
+
 CREATE_TIMEOUT_S = 600.0  # a cold TCG boot when no pool answers is slow; a warm one is ms
 
 
@@ -113,7 +117,7 @@ def await_report(pid: int, read_end: int, what: str, log: Path | None,
         raise OciError(f"{what}: its process exited without a word{_log_hint(log)}")
     if "error" in report:
         _reap(pid)
-        raise OciError(str(report["error"])[:1000])
+        raise Refused(str(report["error"])[:1000])
     return report
 
 

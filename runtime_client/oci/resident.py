@@ -161,6 +161,26 @@ async def _forget_leftovers(runtime: Runtime, name: str) -> None:
         runtime.records.delete_container(name)
 
 
+def forget(cdir: ContainerDir, config_path: str | None) -> int:
+    """``delete`` of a container whose resident was killed: its sandbox record,
+    lease and VM go now rather than at the lease's TTL, and no record stays."""
+    logging.basicConfig(level=logging.WARNING, format="vmfactory-oci: %(message)s")
+
+    async def run() -> None:
+        runtime = Runtime(load_config(Path(config_path) if config_path else None),
+                          shim=SHIM, proxy=PROXY)
+        try:
+            await _forget_leftovers(runtime, runtime_name(cdir.id))
+        finally:
+            await finish(runtime.close())
+    try:
+        asyncio.run(run())
+    except (VmFactoryError, OSError) as exc:
+        print(f"vmfactory-oci: container {cdir.id}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _annotations(bundle: Path) -> dict[str, str]:
     try:
         raw = json.loads((bundle / "config.json").read_text()).get("annotations") or {}
@@ -214,11 +234,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vmfactory-oci resident")
     p.add_argument("--root", type=Path, required=True)
     p.add_argument("--id", required=True)
-    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--bundle", type=Path)
     p.add_argument("--config", default=None)
     p.add_argument("--ready-fd", type=int, default=-1)
+    p.add_argument("--forget", action="store_true",
+                   help="remove what a killed resident of this id left (its sandbox, VM)")
     args = p.parse_args(argv)
     cdir = ContainerDir(args.root, args.id)
+    if args.forget:
+        return forget(cdir, args.config)
+    if args.bundle is None:
+        p.error("--bundle is required")
     log = open(cdir.log, "a", buffering=1)
     sys.stderr = log  # fd 2 is the container's stderr; Python's own words go to the log
     logging.basicConfig(stream=log, level=logging.INFO,

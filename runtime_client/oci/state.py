@@ -127,6 +127,7 @@ class ContainerDir:
             raise OciError(f"container {self.id}: unreadable state: {exc}") from None
         if state.get("status") != "stopped" and not self.resident_alive(state):
             state["status"] = "stopped"
+            state["died"] = True  # killed before it could give its VM back
         return state
 
     def save(self, state: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ resident, no state directory)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -261,3 +263,19 @@ def test_a_writable_directory_bind_fails_create_before_any_vm(engine_env: Oci,
     assert len(lines) == 1 and "mounts[0]" in lines[0] and "writable" in lines[0], lines
     assert env.rd.handouts() == before
     assert one_line_failure(env("state", "wd")) == "container does not exist"
+
+
+def test_delete_after_the_resident_was_killed_gives_the_vm_back_now(
+        engine_env: Oci, busybox_bundle: Path) -> None:
+    env = engine_env
+    engine = env.create(env.bundle(busybox_bundle / "rootfs", ["sleep", "600"], "k9"), "k9")
+    assert engine.create_rc == 0 and env("start", "k9").returncode == 0
+    assert len(env.rd.leases()) == 1
+    os.kill(engine.pid, signal.SIGKILL)  # no chance to give anything back
+    assert engine.exit_code() == 137
+    assert env.state("k9")["status"] == "stopped"
+    assert env("delete", "k9").returncode == 0
+    assert env.rd.leases() == []  # now, not at the lease's TTL (30 s)
+    records = env.rd.root / "client"
+    left = [p.name for p in records.rglob("*") if "k9" in p.name] if records.exists() else []
+    assert not left, left
