@@ -41,6 +41,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "pool": ([], ["--quick"]),
     "sizing": ([], ["--quick"]),
     "engines": ([], ["-n", "2"]),
+    "refill": ([], ["-n", "2", "--pings", "5"]),
 }
 PREFIX = "run_all:"
 

@@ -93,7 +93,7 @@ class DaemonRun:
 
     def __init__(self, label: str, *, min_size: int, max_size: int, keep_running: bool = False,
                  empty: str = "wait", sizing: str = "fixed", log_dir: Path | None = None,
-                 prefix: str = PREFIX) -> None:
+                 prefix: str = PREFIX, daemon: dict[str, Any] | None = None) -> None:
         self.label, self.prefix = label, prefix
         self.min_size, self.max_size = min_size, max_size
         self.keep_running, self.empty, self.sizing = keep_running, empty, sizing
@@ -103,7 +103,7 @@ class DaemonRun:
         self.log_path = self.root / "daemon.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.config = scratch_config(self.root, {
-            "vm": {"accel": "tcg"}, "daemon": {"mem_floor_mib": MEM_FLOOR_MIB},
+            "vm": {"accel": "tcg"}, "daemon": {"mem_floor_mib": MEM_FLOOR_MIB, **(daemon or {})},
             "store": {"url": f"leveldb://{self.root / 'store.ldb'}"},
             "pools": [{"name": "bench", "min_size": min_size, "max_size": max_size,
                        "keep_running": keep_running, "empty": empty, "sizing": sizing}]})

@@ -124,9 +124,14 @@ def engines_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def refill_lines(r: dict[str, Any]) -> list[str]:
+    return ["agent ping on a VM just handed out, while its pool refills: " + ", ".join(
+        f"{label} {_median(s, 'ping_ms')} ms" for label, s in r.get("settings", {}).items())]
+
+
 HEADLINES = {"boot": boot_lines, "template": template_lines, "pool": pool_lines,
              "recovery": recovery_lines, "run": run_lines, "sizing": sizing_lines,
-             "engines": engines_lines}
+             "engines": engines_lines, "refill": refill_lines}
 
 
 def section(name: str, run: dict[str, Any], out: Path) -> list[str]:

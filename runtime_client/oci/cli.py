@@ -218,9 +218,13 @@ def _forget(cdir: ContainerDir, args: argparse.Namespace) -> None:
             "--id", cdir.id, "--forget"]
     config = config_path(args)
     try:
-        subprocess.run(argv + (["--config", config] if config else []), timeout=FORGET_WAIT_S,
-                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, check=False)
+        done = subprocess.run(argv + (["--config", config] if config else []),
+                              timeout=FORGET_WAIT_S, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        failed = done.returncode != 0
     except subprocess.TimeoutExpired:
+        failed = True
+    if failed:  # as runc's delete, silent when it worked
         print(f"vmfactory-oci: warning: container {cdir.id}: its VM is given back at its "
               f"lease's end", file=sys.stderr)
 
