@@ -1,10 +1,12 @@
 """Refill benchmark: does a pool's refill slow the VM just handed out?
 
-A/B in one run, one daemon each (real QEMU, TCG; a pool of 2 with the container
-warm-up): ``daemon.refill_nice`` 0 (refills compete) against 19 (the default:
-refills yield).  Each round waits until the pool is full, takes a VM (which
-starts a refill: a clone and its warm-up container, 1-2 s of CPU), and times
-agent round trips (Ping over gRPC) on the leased VM while the refill runs, then
+A/B in one run, rounds alternating between two daemons (real QEMU, TCG; a pool of ``--take`` VMs with
+the container warm-up): ``daemon.refill_nice`` 0 (refills compete) against 19
+(the default: refills yield).  Each round waits until the pool is full, takes
+all its VMs (which starts as many refills, ``refill_concurrency`` at once: a
+clone and its warm-up container, 1-2 s of CPU each), and times
+agent round trips (Ping over gRPC, after the client's usual wait_ready) on
+the leased VM while the refill runs, then
 releases it.  Reported: the leased VM's ping latency (median/p90) and the GetVM
 latency, per setting, and the refill's duration.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.lib.daemon import Body, DaemonRun, run_phase, wait_full  # noqa: E402
+from benchmarks.lib.daemon import DaemonRun, wait_full  # noqa: E402
 from benchmarks.lib.host import cancel_on_sigterm, host_end, host_start, interrupted_exit  # noqa: E402
 from benchmarks.lib.output import (  # noqa: E402
     add_out_option, progress, publish, pyplot, save_figure, table)
@@ -37,51 +40,81 @@ SETTINGS = {"nice 0 (competing)": 0, "nice 19 (yielding)": 19}
 CALL_TIMEOUT_S = 30.0
 
 
-async def one_round(d: DaemonRun, pings: int) -> dict[str, Any]:
+async def one_round(d: DaemonRun, pings: int, take: int) -> dict[str, Any]:
     async with d.client() as ctl:
         await wait_full(ctl, d.label, prefix=PREFIX)
         t = time.perf_counter()
         h = await ctl.get_vm(timeout=60)
         get_ms = (time.perf_counter() - t) * 1000
+        others = [await ctl.get_vm(timeout=60) for _ in range(take - 1)]  # more refills
         agent = AgentClient(f"unix:{h.agent_socket}", CALL_TIMEOUT_S)
         try:
+            t = time.perf_counter()
+            await agent.wait_ready(CALL_TIMEOUT_S)  # as every client's first call does
+            first_ms = (time.perf_counter() - t) * 1000
             samples = []
             for _ in range(pings):  # while the refill the handout started runs
                 t = time.perf_counter()
                 await agent.ping()
                 samples.append((time.perf_counter() - t) * 1000)
+            nices = sorted(set(_nices(h.pid)))
         finally:
             await agent.close()
-            await ctl.release(h.lease_id)
+            for lease in (h, *others):
+                await ctl.release(lease.lease_id)
         t = time.perf_counter()
         await wait_full(ctl, d.label, prefix=PREFIX)
-        return {"get_ms": get_ms, "ping_ms": samples,
+        return {"get_ms": get_ms, "first_ms": first_ms, "ping_ms": samples,
+                "leased_nice": nices,
                 "refill_rest_s": time.perf_counter() - t}
 
 
-def body(n: int, pings: int) -> Body:
-    async def run(d: DaemonRun) -> dict[str, Any]:
-        rounds = []
-        for i in range(n):
-            rounds.append(await one_round(d, pings))
-            progress(f"{PREFIX} {d.label} [{i + 1}/{n}] ping median "
-                     f"{stats(rounds[-1]['ping_ms'])['median']:.1f} ms")
-        pings_all = [p for r in rounds for p in r["ping_ms"]]
-        return {"ping_ms": stats(pings_all), "get_ms": stats([r["get_ms"] for r in rounds]),
-                "first_ping_ms": stats([r["ping_ms"][0] for r in rounds]),
-                "samples_ms": [round(p, 2) for p in pings_all]}
-    return run
+def _nices(pid: int) -> list[int]:
+    """The nice value of every thread of ``pid`` (field 19 of /proc/PID/task/TID/stat)."""
+    out = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            out.append(int(f.read().rsplit(")", 1)[1].split()[16]))
+    return out
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    pings_all = [p for r in rounds for p in r["ping_ms"]]
+    return {"ping_ms": stats(pings_all), "get_ms": stats([r["get_ms"] for r in rounds]),
+            "first_call_ms": stats([r["first_ms"] for r in rounds]),
+            "leased_nice": sorted({n for r in rounds for n in r["leased_nice"]}),
+            "samples_ms": [round(p, 2) for p in pings_all]}
+
+
+async def alternate(daemons: dict[str, DaemonRun], args: argparse.Namespace) -> dict[str, Any]:
+    """Rounds alternate between the settings (ABBA...), so both see the same machine."""
+    rounds: dict[str, list[dict[str, Any]]] = {label: [] for label in daemons}
+    for i in range(args.n):
+        order = list(daemons) if i % 2 == 0 else list(daemons)[::-1]
+        for label in order:
+            rounds[label].append(await one_round(daemons[label], args.pings, args.take))
+        progress(f"{PREFIX} [{i + 1}/{args.n}] " + ", ".join(
+            f"{label}: ping median {stats(r[-1]['ping_ms'])['median']:.1f} ms"
+            for label, r in rounds.items()))
+    return {label: summarize(r) for label, r in rounds.items()}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     host = host_start()
-    out = {}
-    for label, nice in SETTINGS.items():
-        d = DaemonRun(f"nice-{nice}", min_size=2, max_size=2, prefix=PREFIX,
-                      daemon={"refill_nice": nice})
-        out[label] = await run_phase(label, d, 2048, body(args.n, args.pings))
-    return {"benchmark": "refill", "n": args.n, "pings": args.pings, "accel": "tcg",
-            "settings": out, "host": {**host, **host_end()}}
+    daemons = {label: DaemonRun(f"nice-{nice}", min_size=args.take, max_size=args.take,
+                                prefix=PREFIX, daemon={"refill_nice": nice})
+               for label, nice in SETTINGS.items()}
+    stops: dict[str, Any] = {}
+    try:
+        for d in daemons.values():
+            await d.start()
+        out = await alternate(daemons, args)
+    finally:
+        for label, d in daemons.items():
+            stops[label] = await asyncio.to_thread(d.stop)
+    return {"benchmark": "refill", "n": args.n, "pings": args.pings, "take": args.take,
+            "accel": "tcg",
+            "settings": out, "daemons": stops, "host": {**host, **host_end()}}
 
 
 def report(r: dict[str, Any]) -> str:
@@ -91,8 +124,8 @@ def report(r: dict[str, Any]) -> str:
             rows.append([label, "error", "", "", s.get("error", "")[:60]])
             continue
         rows.append([label, s["ping_ms"]["median"], s["ping_ms"]["p90"],
-                     s["first_ping_ms"]["median"], s["get_ms"]["median"]])
-    return table(["setting", "ping median ms", "ping p90 ms", "first ping ms",
+                     s["first_call_ms"]["median"], s["get_ms"]["median"]])
+    return table(["setting", "ping median ms", "ping p90 ms", "first call ms",
                   "GetVM median ms"], rows)
 
 
@@ -103,7 +136,7 @@ def plot(r: dict[str, Any], path: Path) -> None:
     ax.boxplot([r["settings"][k]["samples_ms"] for k in labels], showfliers=True)
     ax.set_xticks(range(1, len(labels) + 1), labels)
     ax.set_ylabel("agent ping on the leased VM, ms")
-    ax.set_title(f"while its pool refills (n={r['n']} rounds x {r['pings']} pings, TCG)")
+    ax.set_title(f"while its pool refills {r['take']} VMs (n={r['n']} x {r['pings']} pings, TCG)")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -112,11 +145,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=8, help="rounds per setting")
     p.add_argument("--pings", type=int, default=20, help="pings per round")
+    p.add_argument("--take", type=int, default=2,
+                   help="VMs taken per round (the pool's size): refills running at once")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     add_out_option(p)
     args = p.parse_args()
-    if not (1 <= args.n <= 1000 and 1 <= args.pings <= 10000):
-        p.error("-n: 1..1000, --pings: 1..10000")
+    if not (1 <= args.n <= 1000 and 1 <= args.pings <= 10000 and 1 <= args.take <= 8):
+        p.error("-n: 1..1000, --pings: 1..10000, --take: 1..8")
     try:
         result = asyncio.run(cancel_on_sigterm(run(args)))
     except (KeyboardInterrupt, asyncio.CancelledError) as exc:
