@@ -143,9 +143,10 @@ def cmd_create(args: argparse.Namespace) -> int:
 def _undo_create(cdir: ContainerDir, pid: int, args: argparse.Namespace) -> None:
     """A create that failed after its resident was forked: it gives the VM back,
     or, dead or deaf, is killed and a helper does."""
+    started = process_start_time(pid)  # before it may exit
     try:
         cdir.request("delete")
-        _wait_gone({"pid": pid, "pid_start": process_start_time(pid)})
+        _wait_gone({"pid": pid, "pid_start": started})
         return
     except OciError:
         pass

@@ -138,7 +138,8 @@ class ContainerDir:
     @staticmethod
     def resident_alive(state: dict[str, Any]) -> bool:
         pid = int(state.get("pid") or 0)
-        return pid > 0 and process_start_time(pid) == state.get("pid_start")
+        started = process_start_time(pid) if pid > 0 else 0
+        return started != 0 and started == state.get("pid_start")  # 0: gone, or a zombie
 
     def request(self, op: str, timeout: float = CONTROL_TIMEOUT_S,
                 **fields: Any) -> dict[str, Any]:
