@@ -33,7 +33,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lib.daemon import DaemonRun, run_phase, wait_full  # noqa: E402
-from benchmarks.lib.host import cancel_on_sigterm, host_end, host_start, interrupted_exit  # noqa: E402
+from benchmarks.lib.host import (  # noqa: E402
+    cancel_on_sigterm, host_end, host_start, interrupted_exit)
 from benchmarks.lib.output import (  # noqa: E402
     add_out_option, fmt, progress, publish, pyplot, save_figure, table)
 from benchmarks.lib.podman import IMAGE, Podman  # noqa: E402

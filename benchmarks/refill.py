@@ -1,14 +1,14 @@
 """Refill benchmark: does a pool's refill slow the VM just handed out?
 
-A/B in one run, rounds alternating between two daemons (real QEMU, TCG; a pool of ``--take`` VMs with
-the container warm-up): ``daemon.refill_nice`` 0 (refills compete) against 19
-(the default: refills yield).  Each round waits until the pool is full, takes
-all its VMs (which starts as many refills, ``refill_concurrency`` at once: a
-clone and its warm-up container, 1-2 s of CPU each), and times
-agent round trips (Ping over gRPC, after the client's usual wait_ready) on
-the leased VM while the refill runs, then
-releases it.  Reported: the leased VM's ping latency (median/p90) and the GetVM
-latency, per setting, and the refill's duration.
+A/B in one run, rounds alternating between two daemons (real QEMU, TCG; a pool
+of ``--take`` VMs with the container warm-up): ``daemon.refill_nice`` 0
+(refills compete) against 19 (the default: refills yield).  Each round waits
+until the pool is full, takes all its VMs (which starts as many refills,
+``refill_concurrency`` at once: a clone and its warm-up container, 1-2 s of CPU
+each), times agent round trips (Ping over gRPC, after the client's usual
+wait_ready) on the first VM while the refills run, then releases them.
+Reported per setting: the ping latency (median/p90), the first call, GetVM, and
+the nice values of the leased VM's threads (all 0 if the handout restored them).
 
 Progress goes to stderr; a table (or one JSON object with --json) to stdout;
 benchmarks/results/refill.json and refill.png (or under --out DIR) are saved.
@@ -29,7 +29,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.lib.daemon import DaemonRun, wait_full  # noqa: E402
-from benchmarks.lib.host import cancel_on_sigterm, host_end, host_start, interrupted_exit  # noqa: E402
+from benchmarks.lib.host import (  # noqa: E402
+    cancel_on_sigterm, host_end, host_start, interrupted_exit)
 from benchmarks.lib.output import (  # noqa: E402
     add_out_option, progress, publish, pyplot, save_figure, table)
 from benchmarks.lib.stats import stats  # noqa: E402

@@ -46,7 +46,8 @@ def _hook(raw: object, where: str) -> dict[str, Any]:
             raise OciError(f"{where}.{key} must be a list of strings")
         out[key] = value
     timeout = raw.get("timeout", DEFAULT_TIMEOUT_S)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= MAX_TIMEOUT_S:
+    if (isinstance(timeout, bool) or not isinstance(timeout, int)
+            or not 0 < timeout <= MAX_TIMEOUT_S):
         raise OciError(f"{where}.timeout must be an integer in 1..{MAX_TIMEOUT_S}")
     out["timeout"] = timeout
     return out
