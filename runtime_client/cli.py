@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from vmfactory.util.tasks import finish
 logger = logging.getLogger(__name__)
 
 PROG = "vmfactory-runtime"
-EXIT_ERROR, EXIT_CANNOT_RUN, EXIT_NOT_FOUND = 125, 126, 127
+EXIT_ERROR, EXIT_NOT_FOUND = 125, 127  # and 126 or 127 from CannotExecute.exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -216,7 +215,7 @@ def exit_code_for(exc: VmFactoryError) -> int:
     if isinstance(exc, ExecutableNotFound):
         return EXIT_NOT_FOUND
     if isinstance(exc, CannotExecute):
-        return EXIT_NOT_FOUND if exc.errno == errno.ENOENT else EXIT_CANNOT_RUN
+        return exc.exit_code
     return EXIT_ERROR
 
 

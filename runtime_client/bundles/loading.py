@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,7 @@ class Bundle:
     hostname: str
     readonly_root: bool
     confinement: Confinement = Confinement()
+    annotations: dict[str, str] = field(default_factory=dict)  # for the runtime's state
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -95,7 +96,8 @@ def load_bundle(path: str | Path) -> Bundle:
     except _Invalid as exc:
         raise BundleError(f"bundle {given}: config.json: {exc}") from None
     rootfs = _check_rootfs(given, bundle_dir / root_path)
-    return Bundle(bundle_dir, rootfs, process, hostname, readonly, confinement)
+    return Bundle(bundle_dir, rootfs, process, hostname, readonly, confinement,
+                  _annotations(config.get("annotations")))
 
 
 def _read_config(given: Path, config_path: Path) -> dict[str, Any]:
@@ -143,6 +145,13 @@ def _parse_root(raw: object) -> tuple[str, bool]:
         raise _Invalid("root.path must be a non-empty string")
     _text(root_path, "root.path")
     return root_path, _opt_bool(raw.get("readonly"), "root.readonly")
+
+
+def _annotations(raw: object) -> dict[str, str]:
+    """As ``state`` shows them; not ours to judge, so only bounded."""
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k)[:256]: str(v)[:4096] for k, v in raw.items()}
 
 
 def _parse_hostname(value: object) -> str:

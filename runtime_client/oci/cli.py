@@ -127,7 +127,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         hooks.save(cdir, bundle_hooks)
         slave = open_console(args.console_socket) if terminal else None
         pid, ready = spawn_reporting(
-            resident_argv(cdir, bundle, config_path(args)), slave)
+            resident_argv(cdir, config_path(args), "--bundle", str(bundle)), slave)
         await_report(pid, ready, f"container {cdir.id}", cdir.log)
         hooks.run(bundle_hooks, ("prestart", "createRuntime"), public_state(cdir.load()))
         if args.pid_file:
@@ -215,11 +215,8 @@ def _forget(cdir: ContainerDir, args: argparse.Namespace) -> None:
     """Its resident was killed: a helper gives back what it held (rare: it costs
     the heavy imports the front end avoids)."""
     import subprocess
-    argv = [sys.executable, "-m", "runtime_client.oci.resident", "--root", str(cdir.root),
-            "--id", cdir.id, "--forget"]
-    config = config_path(args)
     try:
-        done = subprocess.run(argv + (["--config", config] if config else []),
+        done = subprocess.run(resident_argv(cdir, config_path(args), "--forget"),
                               timeout=FORGET_WAIT_S, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
         failed = done.returncode != 0
@@ -232,7 +229,6 @@ def _forget(cdir: ContainerDir, args: argparse.Namespace) -> None:
 
 def _wait_gone(state: dict[str, Any]) -> None:
     """Until the resident exited (it gives the VM back first); killed past the wait."""
-    import time
     deadline = time.monotonic() + DELETE_WAIT_S
     while ContainerDir.resident_alive(state):
         if time.monotonic() > deadline:

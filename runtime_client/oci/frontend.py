@@ -136,9 +136,11 @@ def _reap(pid: int) -> None:
         pass
 
 
-def resident_argv(cdir: ContainerDir, bundle: Path, config: str | None) -> list[str]:
+def resident_argv(cdir: ContainerDir, config: str | None, *args: str) -> list[str]:
+    """``python -m runtime_client.oci.resident`` for ``cdir``: ``--bundle B`` to hold
+    a container, ``--forget`` to clean up after one that was killed."""
     argv = [sys.executable, "-m", "runtime_client.oci.resident", "--root", str(cdir.root),
-            "--id", cdir.id, "--bundle", str(bundle)]
+            "--id", cdir.id, *args]
     return argv + ["--config", config] if config else argv
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import errno
 import hashlib
 import json
 import logging
@@ -36,7 +35,7 @@ from runtime_client.oci.state import OCI_VERSION, ContainerDir, OciError, proces
 from runtime_client.records import NAME_RE
 from runtime_client.sandbox import Runtime, Sandbox
 from runtime_client.shims.iorelay import host_terminal_size
-from vmfactory.config import load_config
+from vmfactory.config import Config, load_config
 from vmfactory.errors import VmFactoryError, quote
 from vmfactory.guest.agent.errors import CannotExecute, ExecFailed
 from vmfactory.util.tasks import finish
@@ -82,12 +81,12 @@ class Resident:
 
     async def create(self) -> None:
         """Everything ``create`` promises, or an error after undoing it."""
-        config = load_config(Path(self.config_path) if self.config_path else None)
+        config = _config(self.config_path)
         bundle = load_bundle(self.bundle)  # before any VM: a bad bundle costs nothing
         if find_executable(bundle) is None:
             raise ExecutableNotFound(f"executable {quote(bundle.process.args[0])} not found "
                                      f"in {bundle.rootfs}")
-        self.state["annotations"] = _annotations(self.bundle)
+        self.state["annotations"] = bundle.annotations
         self.runtime = Runtime(config, shim=SHIM, proxy=PROXY)
         await _forget_leftovers(self.runtime, self.name)
         t0 = time.monotonic()
@@ -138,6 +137,11 @@ class Resident:
             await finish(self.runtime.close())
 
 
+def _config(config_path: str | None) -> Config:
+    """vmfactory-oci's config: the file the front end found, else the embedded default."""
+    return load_config(Path(config_path) if config_path else None)
+
+
 def _age_ms() -> float:
     """How long ago this process was forked (clock ticks of /proc, ~10 ms)."""
     forked = process_start_time(os.getpid()) / os.sysconf("SC_CLK_TCK")
@@ -145,10 +149,9 @@ def _age_ms() -> float:
 
 
 def _exec_code(exc: ExecFailed) -> int:
-    """As a shell reports it: 127 for a program not found, 126 for one not runnable."""
-    if isinstance(exc, CannotExecute):
-        return 127 if exc.errno == errno.ENOENT else 126
-    return 1
+    """A program that could not be executed ends as a shell reports it; any other
+    failure to set the process up as 1."""
+    return exc.exit_code if isinstance(exc, CannotExecute) else 1
 
 
 async def _forget_leftovers(runtime: Runtime, name: str) -> None:
@@ -167,8 +170,7 @@ def forget(cdir: ContainerDir, config_path: str | None) -> int:
     logging.basicConfig(level=logging.WARNING, format="vmfactory-oci: %(message)s")
 
     async def run() -> None:
-        runtime = Runtime(load_config(Path(config_path) if config_path else None),
-                          shim=SHIM, proxy=PROXY)
+        runtime = Runtime(_config(config_path), shim=SHIM, proxy=PROXY)
         try:
             await _forget_leftovers(runtime, runtime_name(cdir.id))
         finally:
@@ -179,14 +181,6 @@ def forget(cdir: ContainerDir, config_path: str | None) -> int:
         print(f"vmfactory-oci: container {cdir.id}: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def _annotations(bundle: Path) -> dict[str, str]:
-    try:
-        raw = json.loads((bundle / "config.json").read_text()).get("annotations") or {}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    return {str(k)[:256]: str(v)[:4096] for k, v in raw.items()} if isinstance(raw, dict) else {}
 
 
 async def serve(resident: Resident, ready_fd: int) -> int:

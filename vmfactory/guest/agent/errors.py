@@ -19,6 +19,8 @@ errno means on the host what it meant in the guest.
 
 from __future__ import annotations
 
+import errno as errnos
+
 from vmfactory.errors import AgentError
 
 REASON_KEY = "vmfactory-error"
@@ -62,6 +64,11 @@ class ExecFailed(GuestError):
 class CannotExecute(ExecFailed):
     """The program itself could not be executed; ``errno`` says why (ENOENT: no
     such file, EACCES: not executable ...)."""
+
+    @property
+    def exit_code(self) -> int:
+        """As a shell reports it: 127 for a program not found, 126 for one not runnable."""
+        return 127 if self.errno == errnos.ENOENT else 126
 
 
 class Timeout(GuestError):
