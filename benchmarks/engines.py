@@ -37,7 +37,7 @@ from benchmarks.lib.host import (  # noqa: E402
     cancel_on_sigterm, host_end, host_start, interrupted_exit)
 from benchmarks.lib.output import (  # noqa: E402
     add_out_option, fmt, progress, publish, pyplot, save_figure, table)
-from benchmarks.lib.podman import IMAGE, Podman  # noqa: E402
+from benchmarks.lib.podman import IMAGE, Podman, traced_script  # noqa: E402
 from benchmarks.lib.stats import stats  # noqa: E402
 from runtime_client.bundles.busybox import make_busybox_bundle  # noqa: E402
 
@@ -70,8 +70,7 @@ class Bench:
         self.trace = d.root / "trace"
         self.pm = Podman(d.config, trace=self.trace)
         runc = self.pm.work / "runc-traced"
-        runc.write_text(f"#!/bin/sh\ns=$(date +%s%N)\n{RUNC} \"$@\"\nrc=$?\n"
-                        f"echo \"$s $(date +%s%N) $rc $*\" >> {self.trace}\nexit $rc\n")
+        runc.write_text(traced_script(RUNC, self.trace))
         runc.chmod(0o755)
         conf = self.pm.work / "containers.conf"
         conf.write_text(conf.read_text().replace(

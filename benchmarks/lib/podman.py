@@ -33,14 +33,20 @@ vmfactory = ["{wrapper}"]
 """
 
 
+def traced_script(command: str, trace: Path) -> str:
+    """A shell wrapper running ``command "$@"`` that appends "start_ns end_ns rc
+    argv..." to ``trace`` for each call (the same cost for every runtime)."""
+    return (f"#!/bin/sh\ns=$(date +%s%N)\n{command} \"$@\"\nrc=$?\n"
+            f"echo \"$s $(date +%s%N) $rc $*\" >> {trace}\nexit $rc\n")
+
+
 def wrapper_script(config: Path, trace: Path | None = None) -> str:
     """This checkout's vmfactory-oci (the installed one is .venv/bin/vmfactory-oci);
-    with ``trace``, each call appends "start_ns end_ns rc argv..." to it."""
-    run = f"{sys.executable} -m runtime_client.oci.cli --config {config} \"$@\""
+    with ``trace``, traced as traced_script does."""
+    env, run = f"PYTHONPATH={REPO}", f"{sys.executable} -m runtime_client.oci.cli --config {config}"
     if trace is None:
-        return f"#!/bin/sh\nPYTHONPATH={REPO} exec {run}\n"
-    return (f"#!/bin/sh\ns=$(date +%s%N)\nPYTHONPATH={REPO} {run}\nrc=$?\n"
-            f"echo \"$s $(date +%s%N) $rc $*\" >> {trace}\nexit $rc\n")
+        return f"#!/bin/sh\n{env} exec {run} \"$@\"\n"
+    return traced_script(f"{env} {run}", trace)
 
 
 class Podman:
