@@ -10,7 +10,7 @@ noopProxy          a test dummy: connects directly, counts what it was asked
 ccProxy            deprecated alias of kataProxy
 =================  ==========================================================
 
-``forwarder`` is the gRPC forwarder itself, ``sockets`` checks its socket file,
+``forwarder`` is the ttrpc multiplexer itself, ``sockets`` checks its socket file,
 ``process`` runs it as a standalone process (``python -m runtime_client.proxies``).
 """
 

@@ -19,7 +19,7 @@ def prepare_socket_path(path: Path) -> None:
     """Check ``path`` can hold our socket; remove a stale socket file left there."""
     if len(os.fsencode(path)) > MAX_SOCKET_PATH:
         raise ProxyError(f"socket path is longer than {MAX_SOCKET_PATH} bytes: {path}")
-    # Checked here too so the common mistakes get a plain message, not grpc's log lines.
+    # Checked here too so the common mistakes get a plain message, not asyncio's exceptions.
     if not path.parent.is_dir():
         raise ProxyError(f"cannot serve {path}: no directory {path.parent}")
     if not os.access(path.parent, os.W_OK | os.X_OK):

@@ -150,9 +150,9 @@ class _StdinReader:
     def stop(self) -> None:
         """End :meth:`inputs` and stop handing chunks over.
 
-        Ending the iterator matters: when the agent finishes the call first, grpc
-        leaves its task consuming the iterator pending, and it would linger until
-        host stdin produced data.  A thread blocked in read() stays blocked until
+        Ending the iterator matters: when the agent finishes the call first, the
+        task consuming the iterator would otherwise linger until host stdin
+        produced data.  A thread blocked in read() stays blocked until
         its fd has data or EOF; it is a daemon, so exit does not wait for it.
         """
         self._stopped.set()

@@ -8,7 +8,6 @@ import platform as host_platform
 import time
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
 
@@ -21,7 +20,9 @@ from vmfactory.errors import AgentError, HypervisorError, VmStateError
 from vmfactory.hypervisor.base import VmState
 from vmfactory.hypervisor.process import ProcessHypervisor, ProcessVm
 from vmfactory.proto import agent_pb2 as pb
-from vmfactory.proto import agent_pb2_grpc as pb_grpc
+from vmfactory.ttrpc import aio as ttrpc
+from vmfactory.ttrpc import frames as f
+from vmfactory.ttrpc.frames import RpcError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,15 +132,21 @@ async def test_reseed_rejects_bad_sizes(vm: ProcessVm, size: int) -> None:
 
 async def test_raw_requests_the_client_never_sends(vm: ProcessVm) -> None:
     # Over-credited entropy and a zero time are validated by the agent itself.
-    async with grpc.aio.insecure_channel(address(vm)) as channel:
-        stub = pb_grpc.AgentStub(channel)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.Reseed(pb.ReseedRequest(entropy=b"\1" * 16, credit_bits=129), timeout=5)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await stub.SetTime(pb.SetTimeRequest(time_unix_ns=0), timeout=5)
-        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        ok = await stub.Reseed(pb.ReseedRequest(entropy=b"\1" * 16, credit_bits=128), timeout=5)
+    service = "vmfactory.agent.v1.Agent"
+    async with await ttrpc.Client.connect_unix(str(vm.agent_socket)) as client:
+        with pytest.raises(RpcError) as info:
+            await client.call(service, "Reseed", pb.ReseedRequest(
+                entropy=b"\1" * 16, credit_bits=129).SerializeToString(), timeout=5)
+        assert info.value.code == f.INVALID_ARGUMENT
+        with pytest.raises(RpcError) as info:
+            await client.call(service, "SetTime",
+                              pb.SetTimeRequest(time_unix_ns=0).SerializeToString(), timeout=5)
+        assert info.value.code == f.INVALID_ARGUMENT
+        with pytest.raises(RpcError) as info:
+            await client.call(service, "GetInfo", b"\xff\xff\xff", timeout=5)
+        assert info.value.code == f.INVALID_ARGUMENT
+        ok = pb.ReseedReply.FromString(await client.call(service, "Reseed", pb.ReseedRequest(
+            entropy=b"\1" * 16, credit_bits=128).SerializeToString(), timeout=5))
         assert ok.added
 
 

@@ -322,14 +322,18 @@ def test_agent_files_include_entry_point_and_generated_proto() -> None:
     files = rootfs.agent_files()
     assert PACKAGE_ROOT / "guest" / "agent" / "__main__.py" in files
     assert PACKAGE_ROOT / "proto" / "agent_pb2.py" in files
-    assert PACKAGE_ROOT / "proto" / "agent_pb2_grpc.py" in files
+    assert PACKAGE_ROOT / "proto" / "ttrpc_pb2.py" in files
+    assert PACKAGE_ROOT / "ttrpc" / "aio.py" in files
+    # The agent speaks ttrpc: neither grpc's stubs nor grpcio go into the guest.
+    assert PACKAGE_ROOT / "proto" / "agent_pb2_grpc.py" not in files
+    assert "grpcio" not in rootfs.GUEST_DISTS
     assert PACKAGE_ROOT / "__init__.py" in files
     assert all(f.is_file() for f in files)
     assert len(set(files)) == len(files)
     rel = [f.relative_to(PACKAGE_ROOT.parent).as_posix() for f in files]
-    # The agent may import only itself, the proto package, the import-free error
-    # tree and the lifecycle guard (see guest/agent/__init__).
-    assert all(r.startswith(("vmfactory/guest/", "vmfactory/proto/"))
+    # The agent may import only itself, the proto package, the ttrpc package, the
+    # import-free error tree and the lifecycle guard (see guest/agent/__init__).
+    assert all(r.startswith(("vmfactory/guest/", "vmfactory/proto/", "vmfactory/ttrpc/"))
                or r in ("vmfactory/__init__.py", "vmfactory/errors.py", "vmfactory/util/__init__.py",
                         "vmfactory/util/states.py") for r in rel), rel
     assert not any(r.endswith("gen.py") for r in rel), "the generator is host-only"

@@ -20,10 +20,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
 from vmfactory.proto import agent_pb2 as pb
-from vmfactory.proto import agent_pb2_grpc as pb_grpc
+from vmfactory.ttrpc import aio
+from vmfactory.ttrpc import frames as f
+from vmfactory.ttrpc.services import add_service
 
 _CHUNK = 64 * 1024
 # (stream name, data); data None is that stream's EOF.
@@ -48,7 +48,7 @@ class HostProcess:
         return 128 - returncode if returncode < 0 else returncode
 
 
-class FakeContainers(pb_grpc.ContainersServicer, pb_grpc.AgentServicer):
+class FakeContainers:
     """The double's servicers and its process table."""
 
     def __init__(self) -> None:
@@ -79,25 +79,23 @@ class FakeContainers(pb_grpc.ContainersServicer, pb_grpc.AgentServicer):
             await asyncio.gather(*host.readers, return_exceptions=True)
 
     async def _lookup(self, container_id: str, exec_id: str,
-                      context: grpc.aio.ServicerContext) -> HostProcess:
+                      context: aio.CallContext) -> HostProcess:
         host = self.processes.get((container_id, exec_id))
         if host is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"no process {container_id!r}/{exec_id!r}")
-        assert host is not None
+            raise f.RpcError(f.NOT_FOUND, f"no process {container_id!r}/{exec_id!r}")
         return host
 
     async def Ping(self, request: pb.PingRequest,
-                   context: grpc.aio.ServicerContext) -> pb.PingReply:
+                   context: aio.CallContext) -> pb.PingReply:
         return pb.PingReply(token=request.token, agent_version="fake-containers")
 
     async def WaitProcess(self, request: pb.WaitProcessRequest,
-                          context: grpc.aio.ServicerContext) -> pb.WaitProcessReply:
+                          context: aio.CallContext) -> pb.WaitProcessReply:
         host = await self._lookup(request.container_id, request.exec_id, context)
         return pb.WaitProcessReply(exit_code=await host.exit_code())
 
     async def SignalProcess(self, request: pb.SignalProcessRequest,
-                            context: grpc.aio.ServicerContext) -> pb.SignalProcessReply:
+                            context: aio.CallContext) -> pb.SignalProcessReply:
         host = await self._lookup(request.container_id, request.exec_id, context)
         host.signals.append(request.signal)
         with contextlib.suppress(ProcessLookupError):
@@ -105,13 +103,13 @@ class FakeContainers(pb_grpc.ContainersServicer, pb_grpc.AgentServicer):
         return pb.SignalProcessReply()
 
     async def ResizeTty(self, request: pb.ResizeTtyRequest,
-                        context: grpc.aio.ServicerContext) -> pb.ResizeTtyReply:
+                        context: aio.CallContext) -> pb.ResizeTtyReply:
         host = await self._lookup(request.container_id, request.exec_id, context)
         host.sizes.append((request.rows, request.cols))
         return pb.ResizeTtyReply()
 
     async def IoStream(self, request_iterator: AsyncIterator[pb.IoInput],
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IoOutput]:
+                       context: aio.CallContext) -> AsyncIterator[pb.IoOutput]:
         first = await anext(request_iterator)
         host = await self._lookup(first.container_id, first.exec_id, context)
         feeder = asyncio.create_task(_feed_stdin(request_iterator, host))
@@ -163,15 +161,18 @@ class FakeAgentServer:
         self.socket = self.dir / "agent.sock"
         assert len(str(self.socket).encode()) <= 107
         self.address = f"unix:{self.socket}"
-        self._server = grpc.aio.server()
-        pb_grpc.add_ContainersServicer_to_server(self.containers, self._server)
-        pb_grpc.add_AgentServicer_to_server(self.containers, self._server)
+        self._server = aio.Server()
+        for service in ("Containers", "Agent"):
+            add_service(self._server, pb.DESCRIPTOR.services_by_name[service], self.containers,
+                        partial=True)
+        self._listener: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
-        self._server.add_insecure_port(self.address)
-        await self._server.start()
+        self._listener = await self._server.start_unix_server(str(self.socket))
 
     async def stop(self) -> None:
-        await self._server.stop(0)
+        if self._listener is not None:
+            self._listener.close()
+        await self._server.close()
         await self.containers.close()
         shutil.rmtree(self.dir, ignore_errors=True)

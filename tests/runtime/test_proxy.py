@@ -1,10 +1,12 @@
-"""The agent proxy (runtime_client.proxies), against the host-process stand-in of the
-agent and against a small raw-bytes upstream for the call kinds the agent lacks."""
+"""The agent proxy (runtime_client.proxies, a ttrpc multiplexer), against the
+host-process stand-in of the agent and against a small raw-bytes ttrpc upstream
+for the call kinds the agent lacks."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -14,7 +16,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
 import pytest_asyncio
@@ -24,9 +25,13 @@ from runtime_client.errors import ProxyError
 from runtime_client.proxies.forwarder import AgentProxy
 from runtime_client.proxies.process import spawn_proxy, stop_proxy
 from vmfactory import __version__
+from vmfactory.agent import AgentClient
+from vmfactory.errors import AgentError
 from vmfactory.hypervisor.process import ProcessHypervisor, ProcessVm
 from vmfactory.proto import agent_pb2 as pb
-from vmfactory.proto import agent_pb2_grpc as pb_grpc
+from vmfactory.ttrpc import aio as ttrpc
+from vmfactory.ttrpc import frames as f
+from vmfactory.ttrpc.frames import RpcError
 
 from tests import standin
 from tests.standin import SPEC, processes_under
@@ -66,39 +71,39 @@ async def proxy(vm: ProcessVm, run_root: Path) -> AsyncIterator[AgentProxy]:
 
 # --- a raw-bytes upstream with every call kind ------------------------------------------
 
-class Upstream(grpc.GenericRpcHandler):
-    """Echo methods of each call kind, plus ones that fail or never answer."""
+AGENT = "vmfactory.agent.v1.Agent"
+
+
+class Upstream:
+    """Echo methods of each call kind, plus ones that fail or never answer, and the
+    agent's Ping (the proxy checks a new upstream connection with it)."""
 
     def __init__(self) -> None:
         self.deadlines: list[float | None] = []
-        self.metadata: list[dict[str, str | bytes]] = []
+        self.metadata: list[dict[str, list[str]]] = []
         self.hang_started = asyncio.Event()
         self.hang_cancelled = asyncio.Event()
+        self.server = ttrpc.Server()
+        for name, handler in (("Unary", self.unary), ("Fail", self.fail), ("Hang", self.hang)):
+            self.server.register("test.Echo", name, handler)
+        for name, handler in (("Repeat", self.repeat), ("Count", self.count),
+                              ("Chat", self.chat)):
+            self.server.register("test.Echo", name, handler, streaming=True)
+        self.server.register(AGENT, "Ping", self.ping)
 
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        name = details.method.rsplit("/", 1)[-1]
-        return {
-            "Unary": grpc.unary_unary_rpc_method_handler(self.unary),
-            "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
-            "Hang": grpc.unary_unary_rpc_method_handler(self.hang),
-            "Repeat": grpc.unary_stream_rpc_method_handler(self.repeat),
-            "Count": grpc.stream_unary_rpc_method_handler(self.count),
-            "Chat": grpc.stream_stream_rpc_method_handler(self.chat),
-        }.get(name)
+    async def ping(self, request: bytes, ctx: ttrpc.CallContext) -> bytes:
+        return request  # a PingReply has the PingRequest's token field
 
-    async def unary(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        self.deadlines.append(context.time_remaining())
-        self.metadata.append(dict(context.invocation_metadata()))
-        await context.send_initial_metadata((("x-initial", "hello"),))
-        context.set_trailing_metadata((("x-trailer", "bye"), ("x-blob-bin", b"\0\1")))
+    async def unary(self, request: bytes, ctx: ttrpc.CallContext) -> bytes:
+        self.deadlines.append(ctx.timeout)
+        self.metadata.append(ctx.metadata)
         return b"echo:" + request
 
-    async def fail(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "upstream says no: " +
-                            request.decode(), (("x-why", "because"),))
-        raise AssertionError("abort returned")
+    async def fail(self, request: bytes, ctx: ttrpc.CallContext) -> bytes:
+        raise RpcError(f.FAILED_PRECONDITION, "upstream says no: " + request.decode(),
+                       {"why": "because"})
 
-    async def hang(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def hang(self, request: bytes, ctx: ttrpc.CallContext) -> bytes:
         self.hang_started.set()
         try:
             await asyncio.sleep(3600)
@@ -107,35 +112,45 @@ class Upstream(grpc.GenericRpcHandler):
             raise
         return b""
 
-    async def repeat(self, request: bytes,
-                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        for i in range(int(request)):
-            yield str(i).encode()
+    async def repeat(self, stream: ttrpc.ServerStream, ctx: ttrpc.CallContext) -> None:
+        count = int(await stream.recv() or b"0")
+        for i in range(count):
+            await stream.send(str(i).encode())
 
-    async def count(self, requests: AsyncIterator[bytes],
-                    context: grpc.aio.ServicerContext) -> bytes:
-        return str(sum([1 async for _ in requests])).encode()
+    async def count(self, stream: ttrpc.ServerStream, ctx: ttrpc.CallContext) -> bytes:
+        n = 0
+        while await stream.recv() is not None:
+            n += 1
+        return str(n).encode()
 
-    async def chat(self, requests: AsyncIterator[bytes],
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        async for message in requests:
-            yield message.upper()
+    async def chat(self, stream: ttrpc.ServerStream, ctx: ttrpc.CallContext) -> None:
+        while (message := await stream.recv()) is not None:
+            await stream.send(message.upper())
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def upstream(run_root: Path) -> AsyncIterator[tuple[Upstream, AgentProxy]]:
     """A raw upstream server and a started proxy in front of it."""
     handler = Upstream()
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((handler,))
     up_path = socket_path(run_root)
-    server.add_insecure_port(f"unix:{up_path}")
-    await server.start()
+    listener = await handler.server.start_unix_server(str(up_path))
     forwarder = AgentProxy(f"unix:{up_path}", socket_path(run_root))
     await forwarder.start()
     yield handler, forwarder
     await forwarder.stop()
-    await server.stop(None)
+    listener.close()
+    await handler.server.close()
+
+
+async def connect(address: str) -> ttrpc.Client:
+    return await ttrpc.Client.connect_unix(address.removeprefix("unix:"),
+                                           first_stream_id=secrets.randbits(31) | 1)
+
+
+async def ping(client: ttrpc.Client, token: int, timeout: float | None = 5) -> pb.PingReply:
+    data = await client.call(AGENT, "Ping", pb.PingRequest(token=token).SerializeToString(),
+                             timeout=timeout)
+    return pb.PingReply.FromString(data)
 
 
 # --- the agent through the in-process proxy ---------------------------------------------
@@ -143,16 +158,18 @@ async def upstream(run_root: Path) -> AsyncIterator[tuple[Upstream, AgentProxy]]
 async def test_agent_answers_through_proxy(proxy: AgentProxy) -> None:
     assert proxy.address == f"unix:{proxy.listen}"
     assert stat.S_IMODE(proxy.listen.stat().st_mode) == 0o600
-    async with grpc.aio.insecure_channel(proxy.address) as channel:
-        stub = pb_grpc.AgentStub(channel)
-        reply = await stub.Ping(pb.PingRequest(token=0xDEADBEEF12345), timeout=5)
+    before = proxy.calls
+    async with await connect(proxy.address) as client:
+        reply = await ping(client, 0xDEADBEEF12345)
         assert reply.token == 0xDEADBEEF12345
         assert reply.agent_version == __version__
-        info = await stub.GetInfo(pb.GetInfoRequest(random_bytes=32), timeout=5)
+        info = pb.GuestInfo.FromString(await client.call(
+            AGENT, "GetInfo", pb.GetInfoRequest(random_bytes=32).SerializeToString(),
+            timeout=5))
         assert info.platform == "host-standin"
         assert len(info.random) == 32
         assert info.agent_version == __version__
-    assert proxy.calls == 2
+    assert proxy.calls - before == 2
 
 
 def agent_connections(machine: ProcessVm) -> int:
@@ -178,139 +195,137 @@ async def test_many_clients_share_one_upstream_connection(
         await machine.disconnect_agent()
         await wait_connections(machine, 1)  # only the listening socket is left
         await forwarder.start()
-        channels = [grpc.aio.insecure_channel(forwarder.address) for _ in range(3)]
+        clients = [await connect(forwarder.address) for _ in range(3)]
         try:
-            stubs = [pb_grpc.AgentStub(channel) for channel in channels]
             replies = await asyncio.gather(*(
-                stub.Ping(pb.PingRequest(token=1000 * c + i), timeout=10)
-                for c, stub in enumerate(stubs) for i in range(20)))
+                ping(client, 1000 * c + i, timeout=10)
+                for c, client in enumerate(clients) for i in range(20)))
         finally:
-            for channel in channels:
-                await channel.close()
+            for client in clients:
+                await client.close()
         assert [r.token for r in replies] == [1000 * c + i for c in range(3) for i in range(20)]
         assert forwarder.calls == 60
         assert agent_connections(machine) == 2  # the listener and the proxy's one
-        assert isinstance(forwarder._channel, grpc.aio.Channel)
     finally:
         await forwarder.stop()
         await machine.stop()
 
 
 async def test_agent_error_status_arrives_unchanged(vm: ProcessVm, proxy: AgentProxy) -> None:
-    async def details_via(address: str) -> tuple[grpc.StatusCode, str]:
-        async with grpc.aio.insecure_channel(address) as channel:
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await pb_grpc.AgentStub(channel).GetInfo(
-                    pb.GetInfoRequest(random_bytes=1000), timeout=5)
-        return info.value.code(), info.value.details()
+    async def details_via(address: str) -> tuple[int, str]:
+        async with await connect(address) as client:
+            with pytest.raises(RpcError) as info:
+                await client.call(AGENT, "GetInfo", pb.GetInfoRequest(
+                    random_bytes=1000).SerializeToString(), timeout=5)
+        return info.value.code, info.value.message
 
-    direct = await details_via(agent_address(vm))
     proxied = await details_via(proxy.address)
-    assert proxied == direct == (grpc.StatusCode.INVALID_ARGUMENT,
-                                 "random_bytes must be at most 256")
+    assert proxied == (f.INVALID_ARGUMENT, "random_bytes must be at most 256")
 
 
-async def ping_soon(stub: pb_grpc.AgentStub, within: float) -> pb.PingReply:
-    """Ping until it answers (the upstream channel may sit in reconnect backoff)."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return await stub.Ping(pb.PingRequest(token=7), timeout=1)
-        except grpc.aio.AioRpcError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
+async def test_agent_errors_keep_their_class_through_the_proxy(proxy: AgentProxy) -> None:
+    client = AgentClient(proxy.address, call_timeout=5)
+    try:
+        await client.wait_ready(5)
+        with pytest.raises(AgentError, match="INVALID_ARGUMENT"):
+            await client.info(random_bytes=1000)
+    finally:
+        await client.close()
 
 
 async def test_short_deadline_on_a_paused_agent(vm: ProcessVm, proxy: AgentProxy) -> None:
-    async with grpc.aio.insecure_channel(proxy.address) as channel:
-        stub = pb_grpc.AgentStub(channel)
-        await stub.Ping(pb.PingRequest(token=1), timeout=5)
+    async with await connect(proxy.address) as client:
+        await ping(client, 1)
         await vm.pause()  # SIGSTOP: the agent never answers
         try:
             t0 = time.monotonic()
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Ping(pb.PingRequest(token=2), timeout=0.5)
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            with pytest.raises(TimeoutError):
+                await ping(client, 2, timeout=0.5)
             assert time.monotonic() - t0 < 3
         finally:
             await vm.resume()
-        assert (await ping_soon(stub, within=5)).token == 7
+        assert (await ping(client, 7)).token == 7
 
 
 # --- every call kind, metadata, deadlines, cancellation ---------------------------------
 
 async def test_unary_metadata_and_deadline(upstream: tuple[Upstream, AgentProxy]) -> None:
     handler, forwarder = upstream
-    async with grpc.aio.insecure_channel(forwarder.address) as channel:
-        call = channel.unary_unary("/test.Echo/Unary")(
-            b"hi", timeout=4, metadata=(("x-client", "c1"), ("x-data-bin", b"\xff\0")))
-        assert await call == b"echo:hi"
-        assert ("x-initial", "hello") in tuple(await call.initial_metadata())
-        trailing = tuple(await call.trailing_metadata())
-        assert ("x-trailer", "bye") in trailing and ("x-blob-bin", b"\0\1") in trailing
-        assert await channel.unary_unary("/test.Echo/Unary")(b"no deadline") == b"echo:no deadline"
-    seen = handler.metadata[0]
-    assert seen["x-client"] == "c1" and seen["x-data-bin"] == b"\xff\0"
+    async with await connect(forwarder.address) as client:
+        assert await client.call("test.Echo", "Unary", b"hi", timeout=4,
+                                 metadata={"x-client": "c1"}) == b"echo:hi"
+        assert await client.call("test.Echo", "Unary", b"no deadline") == b"echo:no deadline"
+    assert handler.metadata[0]["x-client"] == ["c1"]
     deadline, none = handler.deadlines
-    # grpc rounds the timeout header up a little
-    assert deadline is not None and 2 < deadline < 4.5
+    assert deadline == 4.0
     assert none is None
 
 
 async def test_streaming_call_kinds(upstream: tuple[Upstream, AgentProxy]) -> None:
     _, forwarder = upstream
-    async with grpc.aio.insecure_channel(forwarder.address) as channel:
-        repeat = channel.unary_stream("/test.Echo/Repeat")(b"50", timeout=5)
-        assert [m async for m in repeat] == [str(i).encode() for i in range(50)]
-        count = channel.stream_unary("/test.Echo/Count")(timeout=5)
+    async with await connect(forwarder.address) as client:
+        repeat = await client.stream("test.Echo", "Repeat", b"50", timeout=5)
+        got = []
+        while (message := await repeat.recv()) is not None:
+            got.append(message)
+        assert got == [str(i).encode() for i in range(50)]
+        count = await client.stream("test.Echo", "Count", timeout=5)
         for _ in range(30):
-            await count.write(b"x")
-        await count.done_writing()
-        assert await count == b"30"
+            await count.send(b"x")
+        await count.close_send()
+        assert await count.recv() is None  # the count is the response's payload
         # Lock-step: each answer comes before the next request is sent, which only
         # works if the proxy relays both directions at once.
-        chat = channel.stream_stream("/test.Echo/Chat")(timeout=5)
+        chat = await client.stream("test.Echo", "Chat", timeout=5)
         for word in (b"one", b"two", b"three"):
-            await chat.write(word)
-            assert await chat.read() == word.upper()
-        await chat.done_writing()
-        assert await chat.read() == grpc.aio.EOF
-        assert await chat.code() == grpc.StatusCode.OK
+            await chat.send(word)
+            assert await chat.recv() == word.upper()
+        await chat.close_send()
+        assert await chat.recv() is None
     assert forwarder.calls == 3
 
 
-async def test_upstream_error_with_trailers(upstream: tuple[Upstream, AgentProxy]) -> None:
+async def test_upstream_error_with_details(upstream: tuple[Upstream, AgentProxy]) -> None:
     _, forwarder = upstream
-    async with grpc.aio.insecure_channel(forwarder.address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await channel.unary_unary("/test.Echo/Fail")(b"nope", timeout=5)
-        with pytest.raises(grpc.aio.AioRpcError) as missing:
-            await channel.unary_unary("/test.Nothing/Here")(b"", timeout=5)
-    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert info.value.details() == "upstream says no: nope"
-    assert ("x-why", "because") in tuple(info.value.trailing_metadata())
-    assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    async with await connect(forwarder.address) as client:
+        with pytest.raises(RpcError) as info:
+            await client.call("test.Echo", "Fail", b"nope", timeout=5)
+        with pytest.raises(RpcError) as missing:
+            await client.call("test.Nothing", "Here", b"", timeout=5)
+    assert info.value.code == f.FAILED_PRECONDITION
+    assert info.value.message == "upstream says no: nope"
+    assert info.value.details == {"why": "because"}
+    assert missing.value.code == f.UNIMPLEMENTED
 
 
-async def test_caller_cancel_and_deadline_reach_upstream(
+async def test_caller_cancel_deadline_and_departure_reach_upstream(
         upstream: tuple[Upstream, AgentProxy]) -> None:
     handler, forwarder = upstream
-    async with grpc.aio.insecure_channel(forwarder.address) as channel:
-        call = channel.unary_unary("/test.Echo/Hang")(b"", timeout=30)
+    async with await connect(forwarder.address) as client:
+        call = asyncio.ensure_future(client.call("test.Echo", "Hang", b"", timeout=30))
         await asyncio.wait_for(handler.hang_started.wait(), 5)
         call.cancel()
         await asyncio.wait_for(handler.hang_cancelled.wait(), 5)
-        assert await call.code() == grpc.StatusCode.CANCELLED
 
         handler.hang_started.clear()
         handler.hang_cancelled.clear()
         t0 = time.monotonic()
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await channel.unary_unary("/test.Echo/Hang")(b"", timeout=0.5)
-        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with pytest.raises(TimeoutError):
+            await client.call("test.Echo", "Hang", b"", timeout=0.5)
         assert time.monotonic() - t0 < 3
         await asyncio.wait_for(handler.hang_cancelled.wait(), 5)
+
+        handler.hang_started.clear()
+        handler.hang_cancelled.clear()
+        other = await connect(forwarder.address)
+        left = asyncio.ensure_future(other.call("test.Echo", "Hang", b""))
+        await asyncio.wait_for(handler.hang_started.wait(), 5)
+        other._writer.transport.abort()  # the client dies: its call must not linger
+        await asyncio.wait_for(handler.hang_cancelled.wait(), 5)
+        with pytest.raises(f.ConnectionLost):
+            await left
+        await other.close()
+        assert await client.call("test.Echo", "Unary", b"still", timeout=5) == b"echo:still"
 
 
 # --- upstream down, lifecycle -------------------------------------------------------------
@@ -320,20 +335,19 @@ async def test_upstream_down_fails_within_the_deadline(run_root: Path) -> None:
     forwarder = AgentProxy(nobody, socket_path(run_root), connect_timeout=0.5)
     await forwarder.start()
     try:
-        async with grpc.aio.insecure_channel(forwarder.address) as channel:
-            stub = pb_grpc.AgentStub(channel)
+        async with await connect(forwarder.address) as client:
             t0 = time.monotonic()
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Ping(pb.PingRequest(token=1), timeout=1)
-            assert info.value.code() in (grpc.StatusCode.UNAVAILABLE,
-                                         grpc.StatusCode.DEADLINE_EXCEEDED)
+            with pytest.raises((RpcError, TimeoutError)) as info:
+                await ping(client, 1, timeout=1)
+            if isinstance(info.value, RpcError):
+                assert info.value.code in (f.UNAVAILABLE, f.DEADLINE_EXCEEDED)
             assert time.monotonic() - t0 < 2
             # Without a deadline of its own, a call waits at most connect_timeout.
             t0 = time.monotonic()
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Ping(pb.PingRequest(token=1))
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "not reachable" in (info.value.details() or "")
+            with pytest.raises(RpcError) as err:
+                await ping(client, 1, timeout=None)
+            assert err.value.code == f.UNAVAILABLE
+            assert "not reachable" in err.value.message
             assert time.monotonic() - t0 < 2
     finally:
         await forwarder.stop()
@@ -350,10 +364,8 @@ async def test_stop_is_idempotent_and_removes_the_socket(vm: ProcessVm, run_root
     await forwarder.stop()
     assert not forwarder.listen.exists()
     await forwarder.stop()
-    async with grpc.aio.insecure_channel(forwarder.address) as channel:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await pb_grpc.AgentStub(channel).Ping(pb.PingRequest(), timeout=1)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(FileNotFoundError):
+        await connect(forwarder.address)
 
 
 async def test_start_replaces_stale_socket_but_not_a_live_one(
@@ -364,9 +376,8 @@ async def test_start_replaces_stale_socket_but_not_a_live_one(
     forwarder = AgentProxy(agent_address(vm), stale)
     await forwarder.start()
     try:
-        async with grpc.aio.insecure_channel(forwarder.address) as channel:
-            assert (await pb_grpc.AgentStub(channel).Ping(pb.PingRequest(token=3),
-                                                          timeout=5)).token == 3
+        async with await connect(forwarder.address) as client:
+            assert (await ping(client, 3)).token == 3
     finally:
         await forwarder.stop()
     with pytest.raises(ProxyError, match="already served"):
@@ -392,10 +403,11 @@ async def test_spawned_proxy_serves_and_stops(vm: ProcessVm, run_root: Path) -> 
         assert os.getsid(pid) == pid  # its own session: it may outlive us
         assert listen.is_socket()
         assert stat.S_IMODE(listen.stat().st_mode) == 0o600
-        async with grpc.aio.insecure_channel(f"unix:{listen}") as channel:
-            stub = pb_grpc.AgentStub(channel)
-            assert (await stub.Ping(pb.PingRequest(token=99), timeout=5)).token == 99
-            info = await stub.GetInfo(pb.GetInfoRequest(random_bytes=8), timeout=5)
+        async with await connect(f"unix:{listen}") as client:
+            assert (await ping(client, 99)).token == 99
+            info = pb.GuestInfo.FromString(await client.call(
+                AGENT, "GetInfo", pb.GetInfoRequest(random_bytes=8).SerializeToString(),
+                timeout=5))
             assert info.platform == "host-standin"
     finally:
         stop_proxy(pid, listen)
@@ -468,9 +480,8 @@ async def test_process_stops_cleanly_on_sigint(vm: ProcessVm, run_root: Path) ->
         while not listen.is_socket():
             assert child.poll() is None and time.monotonic() < deadline
             await asyncio.sleep(0.05)
-        async with grpc.aio.insecure_channel(f"unix:{listen}") as channel:
-            assert (await pb_grpc.AgentStub(channel).Ping(pb.PingRequest(token=4),
-                                                          timeout=5)).token == 4
+        async with await connect(f"unix:{listen}") as client:
+            assert (await ping(client, 4)).token == 4
         child.send_signal(signal.SIGINT)
         assert child.wait(timeout=10) == 0
         assert not listen.exists()

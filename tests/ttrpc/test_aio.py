@@ -194,3 +194,38 @@ async def test_a_server_gone_fails_outstanding_calls(tmp_path: Path) -> None:
         await c.call(SVC, "Slow", b"0")
     await c.close()
     await c.close()  # idempotent
+
+
+async def test_a_frame_left_half_sent_breaks_the_framing_after_the_frame_timeout(
+        tmp_path: Path) -> None:
+    """serve_channel with frame_timeout gives back what it could not decode."""
+    server = aio.Server()
+    server.register(SVC, "Echo", echo)
+    results: list[bytes | None] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        results.append(await server.serve_channel(aio.StreamChannel(reader, writer),
+                                                  frame_timeout=0.3))
+    path = str(tmp_path / "t.sock")
+    listener = await asyncio.start_unix_server(handle, path=path)
+    try:
+        reader, writer = await asyncio.open_unix_connection(path)
+        req = pb.Request(service=SVC, method="Echo", payload=b"abc").SerializeToString()
+        whole = f.encode(1, f.REQUEST, 0, req)
+        writer.write(whole)  # answered: a whole frame
+        head = struct.pack(">IIBB", 5000, 3, f.REQUEST, 0) + b"xy"
+        writer.write(head)
+        frame = f.Decoder().feed(await reader.read(1000))[0]
+        assert frame.stream_id == 1 and pb.Response.FromString(frame.data).payload == b"cba"
+        t0 = asyncio.get_running_loop().time()
+        for _ in range(4):  # more bytes keep coming, but the frame's time is up anyway
+            await asyncio.sleep(0.1)
+            writer.write(b"z")
+        while not results:
+            await asyncio.sleep(0.02)
+        assert 0.25 < asyncio.get_running_loop().time() - t0 < 2
+        assert results[0] is not None and results[0].startswith(head)
+        writer.close()
+    finally:
+        listener.close()
+        await server.close()

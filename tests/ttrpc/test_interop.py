@@ -1,6 +1,7 @@
 """vmfactory's ttrpc against the reference implementation: containerd's Go ttrpc
 (Debian's golang-github-containerd-ttrpc-dev, 1.1), built by the test with
-Debian's Go, as a client of our asyncio server and as a server for our clients."""
+Debian's Go, as a client of our asyncio server, as a server for our clients, and
+as a client of the guest agent's unary RPCs (the stand-in, and a real VM's)."""
 
 from __future__ import annotations
 
@@ -14,11 +15,17 @@ from pathlib import Path
 import pytest
 from google.protobuf import wrappers_pb2
 
+from tests import standin
+from vmfactory.hypervisor.process import ProcessVm
+from vmfactory.proto import agent_pb2
 from vmfactory.ttrpc import aio, sync
 from vmfactory.ttrpc import frames as f
 
 GOPATH = Path("/usr/share/gocode")
 SOURCE = Path(__file__).parent / "interop" / "main.go"
+# The stand-in VM's fixtures, used here by name.
+run_root, hypervisor, vm = standin.run_root, standin.hypervisor, standin.vm
+
 pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(shutil.which("go") is None
@@ -98,3 +105,38 @@ def test_our_sync_client_calls_the_go_server(go_server: str) -> None:
         reply = c.call("test.v1.Go", "Upper",
                        wrappers_pb2.BytesValue(value=b"sync").SerializeToString(), timeout=5)
         assert wrappers_pb2.BytesValue.FromString(reply).value == b"SYNC"
+
+
+# --- the Go client against the guest agent itself -------------------------------------
+
+def _go_agent_call(go_peer: Path, socket_path: Path, service: str, method: str,
+                   request: bytes) -> tuple[str, str]:
+    """("reply", hex of the reply) or ("error", "CODE MESSAGE") from the Go client."""
+    done = subprocess.run([str(go_peer), "agent", str(socket_path),
+                           f"vmfactory.agent.v1.{service}", method, request.hex()],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    kind, _, rest = done.stdout.strip().partition(" ")
+    return kind, rest
+
+
+def _check_agent_unary_rpcs(go_peer: Path, socket_path: Path, platform: str) -> None:
+    kind, out = _go_agent_call(go_peer, socket_path, "Agent", "Ping",
+                               agent_pb2.PingRequest(token=0x1234567890).SerializeToString())
+    assert kind == "reply"
+    ping = agent_pb2.PingReply.FromString(bytes.fromhex(out))
+    assert ping.token == 0x1234567890 and ping.agent_version
+    kind, out = _go_agent_call(go_peer, socket_path, "Agent", "GetInfo",
+                               agent_pb2.GetInfoRequest(random_bytes=16).SerializeToString())
+    info = agent_pb2.GuestInfo.FromString(bytes.fromhex(out))
+    assert kind == "reply" and info.platform == platform and len(info.random) == 16
+    assert _go_agent_call(go_peer, socket_path, "Agent", "GetInfo",
+                          agent_pb2.GetInfoRequest(random_bytes=1000).SerializeToString()) \
+        == ("error", f"{f.INVALID_ARGUMENT} random_bytes must be at most 256")
+    assert _go_agent_call(go_peer, socket_path, "Agent", "Nope", b"")[1].startswith(
+        str(f.UNIMPLEMENTED))
+
+
+async def test_the_go_client_calls_the_stand_in_agent(go_peer: Path, vm: ProcessVm) -> None:
+    await vm.disconnect_agent()  # the agent socket is the Go client's now
+    await asyncio.to_thread(_check_agent_unary_rpcs, go_peer, vm.agent_socket, "host-standin")

@@ -18,19 +18,20 @@ pytestmark = pytest.mark.timeout(30)
 def test_sync_client_against_sync_server(tmp_path: Path) -> None:
     server = sync.Server()
     server.register("s", "Echo", lambda b: b[::-1])
-    server.register("s", "Fail", lambda b: (_ for _ in ()).throw(f.RpcError(f.ABORTED, "no")))
-    stop = threading.Event()
+    server.register("s", "Fail", lambda b: (_ for _ in ()).throw(
+        f.RpcError(f.ABORTED, "no", {"why": "because"})))
+    stop, ready = threading.Event(), threading.Event()
     path = str(tmp_path / "s.sock")
-    thread = threading.Thread(target=server.serve_unix, args=(path, stop))
+    thread = threading.Thread(target=server.serve_unix, args=(path, stop, ready))
     thread.start()
     try:
-        while not Path(path).exists():
-            pass
+        assert ready.wait(10)
         with sync.Client.connect_unix(path) as c:
             assert c.call("s", "Echo", b"abc") == b"cba"
             with pytest.raises(f.RpcError) as err:
                 c.call("s", "Fail", b"")
             assert err.value.code == f.ABORTED
+            assert err.value.details == {"why": "because"}
             with pytest.raises(f.RpcError) as err:
                 c.call("s", "Missing", b"")
             assert err.value.code == f.UNIMPLEMENTED

@@ -50,7 +50,7 @@ async def prepare_vm(vm: Vm, want: VmConfig | None = None, *,
                 logger.warning("vm %s: the guest RNG was not reseeded", vm.id)
             steps[step] = (time.monotonic() - t) * 1000
         else:
-            await _activate_over_grpc(vm, steps, reseed)
+            await _activate_over_rpc(vm, steps, reseed)
         if want is not None and (want.cpus > vm.cpus or want.memory_mib > vm.memory_mib):
             step = "hot-plug"
             t = time.monotonic()
@@ -89,7 +89,7 @@ def _expected_kib(vm: Vm) -> int:
     return vm.boot_mem_total_kib + int(plugged_kib * 0.95)
 
 
-async def _activate_over_grpc(vm: Vm, steps: dict[str, float], reseed: bool) -> None:
+async def _activate_over_rpc(vm: Vm, steps: dict[str, float], reseed: bool) -> None:
     """The same as the control channel's activate, in agent RPCs (stand-in VMs)."""
     assert vm.agent is not None
     if reseed:

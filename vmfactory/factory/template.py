@@ -30,8 +30,8 @@ from vmfactory.util.tasks import finish
 
 logger = logging.getLogger(__name__)
 
-# Time for the guest bridge to see the host leave before the vCPUs stop, so the
-# saved agent is idle in sigtimedwait() (a missed hang-up is recovered anyway).
+# Time for the guest agent to see the host leave before the vCPUs stop, so the
+# saved agent waits for its next host (a missed hang-up is recovered anyway).
 QUIESCE_S = 0.2
 STATE_ROOM_MIB = 64
 RESIZABLE = frozenset({"cpus", "memory_mib"})

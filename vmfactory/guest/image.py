@@ -2,7 +2,7 @@
 
 Inputs are Debian packages (``apt-get download`` + ``dpkg-deb -x``; no kernel is
 installed on the host), the Python distributions installed beside vmfactory
-(grpcio, protobuf, ...), the agent's own files and this recipe.  Their digests
+(protobuf), the agent's own files and this recipe.  Their digests
 form the image key: unchanged inputs reuse ``<images>/<key>``, any change (an
 agent file, a package update) builds a new image.
 """

@@ -18,7 +18,7 @@ from vmfactory.errors import ImageError
 
 STDLIB_PRUNE = ("test", "idlelib", "tkinter", "ensurepip", "lib2to3", "turtledemo",
                 "pydoc_data", "unittest/test", "config-3.11-x86_64-linux-gnu")
-GUEST_DISTS = ("grpcio", "protobuf", "typing_extensions")
+GUEST_DISTS = ("protobuf",)  # the agent speaks ttrpc: no grpcio in the guest
 DIST_PACKAGES = "usr/lib/python3/dist-packages"
 AGENT_ROOT = "opt/vmfactory"
 MERGED_USR = {"bin": "usr/bin", "sbin": "usr/sbin", "lib": "usr/lib", "lib64": "usr/lib64"}
@@ -32,9 +32,10 @@ def agent_files() -> list[Path]:
              _PACKAGE_ROOT / "util" / "__init__.py", _PACKAGE_ROOT / "util" / "states.py",
              _PACKAGE_ROOT / "guest" / "__init__.py"]
     files += sorted((_PACKAGE_ROOT / "guest" / "agent").glob("*.py"))
+    files += sorted((_PACKAGE_ROOT / "ttrpc").glob("*.py"))
     proto = _PACKAGE_ROOT / "proto"
-    files += [proto / "__init__.py", *sorted(proto.glob("agent_pb2*.py"))]
-    if not any(f.name.endswith("_pb2.py") for f in files):
+    files += [proto / "__init__.py", proto / "agent_pb2.py", proto / "ttrpc_pb2.py"]
+    if not all(f.exists() for f in files):
         raise ImageError("agent: generated protobuf modules missing (run python -m vmfactory.proto.gen)")
     return files
 

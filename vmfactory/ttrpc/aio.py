@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from vmfactory.proto import ttrpc_pb2 as pb
 from vmfactory.ttrpc import frames as f
+from vmfactory.ttrpc.channels import READ_CHUNK, Channel, StreamChannel
 from vmfactory.ttrpc.frames import ConnectionLost, ProtocolError, RpcError
 
 logger = logging.getLogger(__name__)
 
-READ_CHUNK = 64 * 1024
 MAX_STREAMS = 256  # calls in flight on one connection
 STREAM_QUEUE = 64  # messages buffered per stream before the connection's reader waits
 DRAIN_ABOVE = 256 * 1024
@@ -80,16 +80,31 @@ class Server:
         self._methods[(service, method)] = _Method(handler, streaming)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Serve one connection until the peer leaves or breaks the framing."""
-        conn = _ServerConnection(self, reader, writer)
+        """Serve one stream connection until the peer leaves or breaks the framing."""
+        await self.serve_channel(StreamChannel(reader, writer))
+
+    async def serve_channel(self, channel: Channel, *,
+                            frame_timeout: float | None = None) -> bytes | None:
+        """Serve any byte channel (a virtio-serial port, say) until it ends: None when
+        the peer left; when the peer broke the framing, the bytes read and not decoded
+        yet (a caller that can resynchronise goes on from them).  ``frame_timeout``:
+        a frame still incomplete that long after its header came breaks the framing
+        (on a channel shared by peers one after another, a frame one of them left
+        half sent would otherwise swallow the next one's bytes)."""
+        conn = _ServerConnection(self, channel, frame_timeout)
         task = asyncio.current_task()
         if task is not None:
             self._connections.add(task)
         try:
-            await conn.run()
+            return await conn.run()
         finally:
             if task is not None:
                 self._connections.discard(task)
+
+    @property
+    def services(self) -> frozenset[str]:
+        """The names of the services with at least one method registered."""
+        return frozenset(service for service, _ in self._methods)
 
     async def start_unix_server(self, path: str) -> asyncio.AbstractServer:
         return await asyncio.start_unix_server(self.serve, path=path)
@@ -103,37 +118,54 @@ class Server:
 
 
 class _ServerConnection:
-    def __init__(self, server: Server, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
-        self.server, self.reader, self.writer = server, reader, writer
+    def __init__(self, server: Server, channel: Channel,
+                 frame_timeout: float | None = None) -> None:
+        self.server, self.channel = server, channel
+        self.frame_timeout = frame_timeout
+        self._partial_since = 0.0
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.streams: dict[int, ServerStream] = {}
         self._write_lock = asyncio.Lock()
 
-    async def run(self) -> None:
+    async def run(self) -> bytes | None:
         decoder = f.Decoder(self.server._max_data)
         try:
-            while chunk := await self.reader.read(READ_CHUNK):
+            while chunk := await self._read(decoder):
+                before = decoder.pending
                 for frame in decoder.feed(chunk):
                     await self._dispatch(frame)
+                if not before or decoder.pending < before + len(chunk):
+                    self._partial_since = asyncio.get_running_loop().time()
             if decoder.pending:
                 logger.info("ttrpc: peer left in the middle of a frame (%d bytes)",
                             decoder.pending)
         except ProtocolError as exc:
             logger.warning("ttrpc: closing a connection: %s", exc)
+            return decoder.take()
         except (ConnectionError, OSError) as exc:
             logger.info("ttrpc: connection lost: %s", exc)
         finally:
             await self._shutdown()
+        return None
+
+    async def _read(self, decoder: f.Decoder) -> bytes:
+        """The channel's next bytes, within the frame timeout while a frame is partial."""
+        if self.frame_timeout is None or not decoder.pending:
+            return await self.channel.read()
+        deadline = self._partial_since + self.frame_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self.channel.read()
+        except TimeoutError:
+            raise ProtocolError(f"a frame stayed incomplete for {self.frame_timeout:g} s "
+                                f"({decoder.pending} bytes)") from None
 
     async def _shutdown(self) -> None:
         calls = list(self.calls.values())
         for task in calls:
             task.cancel()
         await asyncio.gather(*calls, return_exceptions=True)
-        self.writer.close()
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self.writer.wait_closed())
+        await self.channel.close()
 
     async def _dispatch(self, frame: f.Frame) -> None:
         if frame.stream_id % 2 == 0:
@@ -148,6 +180,10 @@ class _ServerConnection:
                 await stream._inbox.put(frame.data)
             if frame.flags & f.FLAG_REMOTE_CLOSED:
                 await stream._inbox.put(None)
+        elif frame.type == f.CANCEL:
+            task = self.calls.get(frame.stream_id)
+            if task is not None:
+                task.cancel()
         else:  # a response from a client is not a thing
             raise ProtocolError(f"stream {frame.stream_id}: unexpected frame type {frame.type}")
 
@@ -198,7 +234,8 @@ class _ServerConnection:
                     out = await method.handler(req.payload, ctx)  # type: ignore[arg-type]
             code, message, payload = f.OK, "", out or b""
         except RpcError as exc:
-            code, message, payload = exc.code, exc.message, b""
+            await self.respond(sid, exc.code, exc.message, b"", exc.details)
+            return
         except TimeoutError:
             code, message, payload = f.DEADLINE_EXCEEDED, "deadline exceeded", b""
         except Exception as exc:  # noqa: BLE001 - a handler's bug is the caller's UNKNOWN
@@ -206,16 +243,20 @@ class _ServerConnection:
             code, message, payload = f.UNKNOWN, f"{type(exc).__name__}: {exc}"[:200], b""
         await self.respond(sid, code, message, payload)
 
-    async def respond(self, stream_id: int, code: int, message: str, payload: bytes) -> None:
-        resp = pb.Response(status=pb.Status(code=code, message=message), payload=payload)
+    async def respond(self, stream_id: int, code: int, message: str, payload: bytes,
+                      details: dict[str, str] | None = None) -> None:
+        status = pb.Status(code=code, message=message)
+        for key, value in (details or {}).items():
+            status.details.add(type_url=f.DETAIL_TYPE + key, value=value.encode())
+        resp = pb.Response(status=status, payload=payload)
         await self.write(stream_id, f.RESPONSE, 0, resp.SerializeToString())
 
     async def write(self, stream_id: int, type_: int, flags: int, data: bytes) -> None:
         frame = f.encode(stream_id, type_, flags, data)
         async with self._write_lock:
-            self.writer.write(frame)
-            if self.writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
-                await self.writer.drain()
+            self.channel.write(frame)
+            if self.channel.buffered() > DRAIN_ABOVE:
+                await self.channel.drain()
 
 
 def _context(req: pb.Request) -> CallContext:
@@ -252,6 +293,12 @@ class ClientStream:
             await self._client._write(self._id, f.DATA, f.FLAG_REMOTE_CLOSED | f.FLAG_NO_DATA,
                                       b"")
 
+    def cancel(self) -> None:
+        """Give the call up: the server's handler is cancelled, late messages dropped."""
+        if not self._pending.response.done():
+            self._pending.response.cancel()
+            self._client.cancel_soon(self._id)
+
     async def recv(self) -> bytes | None:
         """The server's next message; None when the call ended well; RpcError if not."""
         inbox = self._pending.inbox
@@ -272,25 +319,29 @@ class Client:
     """Calls over one connection; a background reader routes the server's frames."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                 max_data: int = f.MAX_DATA) -> None:
+                 max_data: int = f.MAX_DATA, first_stream_id: int = 1) -> None:
+        if first_stream_id % 2 == 0 or not 0 < first_stream_id < 1 << 32:
+            raise ValueError("stream ids are odd 32-bit numbers")
         self._reader, self._writer = reader, writer
         self._pending: dict[int, _Pending] = {}
-        self._next = 1
+        self._next = first_stream_id
         self._write_lock = asyncio.Lock()
         self._max_data = max_data
         self._lost: BaseException | None = None
         self._task = asyncio.ensure_future(self._read_loop())
 
     @classmethod
-    async def connect_unix(cls, path: str, timeout: float = 10.0) -> Client:
+    async def connect_unix(cls, path: str, timeout: float = 10.0, *,
+                           first_stream_id: int = 1) -> Client:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_unix_connection(path)
-        return cls(reader, writer)
+            reader, writer = await asyncio.open_unix_connection(path, limit=READ_CHUNK)
+        return cls(reader, writer, first_stream_id=first_stream_id)
 
     async def call(self, service: str, method: str, payload: bytes, *,
                    timeout: float | None = None,
                    metadata: dict[str, str] | None = None) -> bytes:
-        """A unary call; its reply payload, or RpcError/ConnectionLost/TimeoutError."""
+        """A unary call; its reply payload, or RpcError/ConnectionLost/TimeoutError.
+        A call given up (timeout, cancellation) is cancelled on the server too."""
         stream_id, pending = self._open(streaming=False)
         try:
             await self._request(stream_id, service, method, payload, timeout, metadata, 0)
@@ -298,7 +349,14 @@ class Client:
                 resp = await asyncio.shield(pending.response)
             return _check(resp)
         finally:
-            self._pending.pop(stream_id, None)
+            if self._pending.pop(stream_id, None) is not None and not pending.response.done():
+                self.cancel_soon(stream_id)
+
+    def cancel_soon(self, stream_id: int) -> None:
+        """Tell the server, best effort and without waiting, that ``stream_id`` is
+        given up (the CANCEL extension; see ``frames``)."""
+        if self._lost is None and not self._writer.is_closing():
+            self._writer.write(f.encode(stream_id, f.CANCEL, 0, b""))
 
     async def stream(self, service: str, method: str, payload: bytes | None = None, *,
                      timeout: float | None = None) -> ClientStream:
@@ -378,12 +436,21 @@ class Client:
         self._pending.clear()
 
     async def close(self) -> None:
-        """Close the connection; outstanding calls fail with ConnectionLost. Idempotent."""
+        """Close the connection; outstanding calls fail with ConnectionLost (and are
+        cancelled on the server: a server on a shared channel cannot tell). Idempotent."""
+        for stream_id, pending in list(self._pending.items()):
+            if not pending.response.done():
+                self.cancel_soon(stream_id)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._writer.close()
         with contextlib.suppress(Exception):
             await asyncio.shield(self._writer.wait_closed())
+
+    @property
+    def lost(self) -> bool:
+        """Whether the connection ended (every later call fails with ConnectionLost)."""
+        return self._lost is not None
 
     async def __aenter__(self) -> Client:
         return self
@@ -394,5 +461,5 @@ class Client:
 
 def _check(resp: pb.Response) -> bytes:
     if resp.status.code != f.OK:
-        raise RpcError(resp.status.code, resp.status.message)
+        raise RpcError(resp.status.code, resp.status.message, f.details_of(resp.status))
     return resp.payload

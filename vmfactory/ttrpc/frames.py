@@ -10,7 +10,9 @@ Status codes are gRPC's (google.rpc.Code).
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 HEADER = struct.Struct(">IIBB")
 HEADER_SIZE = HEADER.size  # 10
@@ -19,7 +21,11 @@ MAX_DATA = 4 << 20
 REQUEST = 0x01
 RESPONSE = 0x02
 DATA = 0x03
-KNOWN_TYPES = frozenset({REQUEST, RESPONSE, DATA})
+# vmfactory's extension (not in ttrpc's PROTOCOL.md): the client gave up on this
+# stream, so the server may stop its handler.  A peer without it skips the frame
+# as any unknown type; nothing is answered.
+CANCEL = 0x10
+KNOWN_TYPES = frozenset({REQUEST, RESPONSE, DATA, CANCEL})
 
 FLAG_REMOTE_CLOSED = 0x01  # request, data: the sender sends no more on this stream
 FLAG_REMOTE_OPEN = 0x02    # request: the sender goes on sending data frames
@@ -49,12 +55,29 @@ class ConnectionLost(TtrpcError):
 
 
 class RpcError(TtrpcError):
-    """The server answered with a status other than OK."""
+    """The server answered with a status other than OK.  ``details``: short
+    key/value strings carried beside the status (as ``google.protobuf.Any``
+    entries of type ``DETAIL_TYPE`` + key), for errors that must keep their
+    kind across the wire."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str,
+                 details: Mapping[str, str] | None = None) -> None:
         super().__init__(f"{CODE_NAMES.get(code, str(code))}: {message}")
         self.code = code
         self.message = message
+        self.details = dict(details or {})
+
+
+DETAIL_TYPE = "type.vmfactory.dev/detail/"
+
+
+def details_of(status: Any) -> dict[str, str]:
+    """The vmfactory key/value details of a ``Status`` message (others are ignored)."""
+    out = {}
+    for any_ in status.details:
+        if any_.type_url.startswith(DETAIL_TYPE):
+            out[any_.type_url[len(DETAIL_TYPE):]] = any_.value.decode(errors="replace")
+    return out
 
 
 @dataclass(frozen=True)
@@ -100,6 +123,11 @@ class Decoder:
             else:
                 self.skipped += 1
         return frames
+
+    def take(self) -> bytes:
+        """The bytes not decoded yet, removed from the decoder."""
+        rest, self._buf = bytes(self._buf), bytearray()
+        return rest
 
     @property
     def pending(self) -> int:

@@ -48,7 +48,7 @@ class Client:
         resp = pb.Response()
         resp.ParseFromString(frame.data)
         if resp.status.code != f.OK:
-            raise RpcError(resp.status.code, resp.status.message)
+            raise RpcError(resp.status.code, resp.status.message, f.details_of(resp.status))
         return resp.payload
 
     def _read_until(self, stream_id: int) -> f.Frame:
@@ -114,17 +114,21 @@ class Server:
         try:
             return _response(frame.stream_id, f.OK, "", handler(req.payload))
         except RpcError as exc:
-            return _response(frame.stream_id, exc.code, exc.message)
+            return _response(frame.stream_id, exc.code, exc.message, details=exc.details)
         except Exception as exc:  # noqa: BLE001 - a handler's bug is the caller's UNKNOWN
             logger.exception("ttrpc: %s/%s failed", req.service, req.method)
             return _response(frame.stream_id, f.UNKNOWN, f"{type(exc).__name__}: {exc}"[:200])
 
-    def serve_unix(self, path: str, stop: threading.Event) -> None:
-        """Accept on ``path`` until ``stop`` is set (checked every 0.2 s)."""
+    def serve_unix(self, path: str, stop: threading.Event,
+                   ready: threading.Event | None = None) -> None:
+        """Accept on ``path`` until ``stop`` is set (checked every 0.2 s); ``ready``
+        is set once connections are accepted."""
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         listener.bind(path)
         listener.listen()
         listener.settimeout(0.2)
+        if ready is not None:
+            ready.set()
         try:
             while not stop.is_set():
                 try:
@@ -138,6 +142,10 @@ class Server:
             listener.close()
 
 
-def _response(stream_id: int, code: int, message: str, payload: bytes = b"") -> bytes:
-    resp = pb.Response(status=pb.Status(code=code, message=message), payload=payload)
+def _response(stream_id: int, code: int, message: str, payload: bytes = b"", *,
+              details: dict[str, str] | None = None) -> bytes:
+    status = pb.Status(code=code, message=message)
+    for key, value in (details or {}).items():
+        status.details.add(type_url=f.DETAIL_TYPE + key, value=value.encode())
+    resp = pb.Response(status=status, payload=payload)
     return f.encode(stream_id, f.RESPONSE, 0, resp.SerializeToString())

@@ -1,10 +1,13 @@
 // The reference ttrpc (containerd's Go implementation, Debian's package) against
-// vmfactory's: "client PATH" calls a Python server, "server PATH" serves one.
+// vmfactory's: "client PATH" calls a Python server, "server PATH" serves one, and
+// "agent PATH SERVICE METHOD HEX" calls a vmfactory guest agent's unary RPC with a
+// request given as hex-encoded protobuf bytes, printing the reply the same way.
 package main
 
 import (
 	"bytes"
 	"context"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
@@ -60,11 +63,47 @@ func server(path string) error {
 	return s.Serve(context.Background(), l)
 }
 
+// raw is a protobuf message whose encoding the caller built: the agent's types
+// need no generated Go code.
+type raw struct{ b []byte }
+
+func (r *raw) Reset()                   { r.b = nil }
+func (r *raw) String() string           { return hex.EncodeToString(r.b) }
+func (*raw) ProtoMessage()              {}
+func (r *raw) Marshal() ([]byte, error) { return r.b, nil }
+func (r *raw) Unmarshal(b []byte) error { r.b = append([]byte(nil), b...); return nil }
+
+func agent(path, service, method, request string) error {
+	conn, err := net.Dial("unix", path)
+	if err != nil {
+		return err
+	}
+	c := ttrpc.NewClient(conn)
+	defer c.Close()
+	payload, err := hex.DecodeString(request)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var resp raw
+	if err := c.Call(ctx, service, method, &raw{payload}, &resp); err != nil {
+		st, _ := status.FromError(err)
+		fmt.Printf("error %d %s\n", st.Code(), st.Message())
+		return nil
+	}
+	fmt.Printf("reply %s\n", hex.EncodeToString(resp.b))
+	return nil
+}
+
 func main() {
 	var err error
-	if os.Args[1] == "client" {
+	switch os.Args[1] {
+	case "client":
 		err = client(os.Args[2])
-	} else {
+	case "agent":
+		err = agent(os.Args[2], os.Args[3], os.Args[4], os.Args[5])
+	default:
 		err = server(os.Args[2])
 	}
 	if err != nil {

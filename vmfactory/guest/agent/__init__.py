@@ -1,7 +1,7 @@
-"""The vmfactory guest agent: a gRPC service that runs inside each VM.
+"""The vmfactory guest agent: ttrpc services that run inside each VM.
 
-It ships in the guest image together with ``vmfactory.proto``,
-``vmfactory.errors`` (the root of its error tree, a module without imports) and
+It ships in the guest image together with ``vmfactory.proto``, ``vmfactory.ttrpc``
+(standard library and protobuf only), ``vmfactory.errors`` (the root of its error tree, a module without imports) and
 ``vmfactory.util.states`` (the lifecycle guard, standard library only), and
 imports nothing else from vmfactory, so keep it that way.
 """

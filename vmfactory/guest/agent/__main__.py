@@ -1,17 +1,18 @@
 """Agent entry point: ``python -m vmfactory.guest.agent``.
 
-Inside a VM (the default) it serves on a private unix socket, and a forked
-bridge process relays the ``vmfactory.agent`` virtio-serial port to it: a
-process, not a thread, so relaying never waits for the server's GIL.
-``--listen unix:PATH --standin`` runs it as a host process instead (tests only).
+Inside a VM (the default) it serves ttrpc on the ``vmfactory.agent``
+virtio-serial port itself (see ``port``); forked children run the control
+channel and the launcher of container processes.  ``--listen unix:PATH
+--standin`` serves a unix socket as a host process instead (tests only).
 """
 
 from __future__ import annotations
 
 import signal
 
-# Before anything can start a thread: SIGIO must stay blocked in every thread so
-# that only the bridge's sigtimedwait() consumes it (its default action kills).
+# Before anything can start a thread or fork: SIGIO (whose default action kills)
+# stays blocked in the control child, which consumes it with sigtimedwait(); the
+# port server unblocks it once its handler is in place.
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGIO})
 
 import argparse  # noqa: E402
@@ -21,19 +22,20 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
 
 from vmfactory.guest.agent import AGENT_PORT_NAME  # noqa: E402
-from vmfactory.guest.agent.bridge import PortBridge, find_port  # noqa: E402
+from vmfactory.guest.agent.port import find_port  # noqa: E402
 from vmfactory.guest.agent.ctlproto import CONTROL_PORT_NAME, READY_FILE  # noqa: E402
 from vmfactory.guest.agent.platform import (  # noqa: E402
     GuestPlatform, HostStandInPlatform, Platform, read_uptime,
 )
 
-logger = logging.getLogger("vmfactory.guest.agent")
+if TYPE_CHECKING:
+    from vmfactory.proto import agent_pb2 as pb
+    from vmfactory.ttrpc import aio
 
-GUEST_LOCAL_SOCKET = "/run/vmfactory-agent.sock"
-SOCKET_WAIT_S = 0.01
+logger = logging.getLogger("vmfactory.guest.agent")
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,22 +71,10 @@ def _launcher_child(sock: socket.socket) -> None:
         os._exit(1)
 
 
-def _bridge_child(port: str) -> None:
-    """The forked bridge: wait for the server's socket, then relay forever."""
-    try:
-        while not os.path.exists(GUEST_LOCAL_SOCKET):
-            time.sleep(SOCKET_WAIT_S)  # only during agent start-up
-        PortBridge(port, GUEST_LOCAL_SOCKET).run()
-    except BaseException as exc:  # noqa: BLE001 - the process must not return
-        logger.error("bridge failed: %r", exc)
-    finally:
-        os._exit(1)
-
-
 def _start_reaper(critical: list[int]) -> None:
     """Reap every child on SIGCHLD: the agent is the guest's PID 1, so orphans and
-    container monitors are its children.  A dead bridge or control loop makes the
-    agent unreachable: exit then, so the failure is visible (the VM ends)."""
+    container monitors are its children.  A dead control loop or launcher cripples
+    the agent: exit then, so the failure is visible (the VM ends)."""
     def reap() -> None:
         while True:
             try:
@@ -102,7 +92,7 @@ def _start_reaper(critical: list[int]) -> None:
 
 
 def _write_ready(boot: object) -> None:
-    """Tell the control loop that gRPC is up (it answers OP_STATUS from this)."""
+    """Tell the control loop that the agent serves (it answers OP_STATUS from this)."""
     milestones = {k: getattr(boot, k) for k in ("init_start_s", "agent_start_s", "agent_ready_s")}
     tmp = READY_FILE + ".tmp"
     with open(tmp, "w") as f:
@@ -112,34 +102,42 @@ def _write_ready(boot: object) -> None:
 
 async def serve(args: argparse.Namespace, agent_start: float, children: list[int],
                 launcher_sock: socket.socket | None) -> None:
-    import grpc
-
+    from vmfactory.guest.agent.rpc import build_server
     from vmfactory.guest.agent.service import AgentService
     from vmfactory.proto import agent_pb2 as pb
-    from vmfactory.proto import agent_pb2_grpc as pb_grpc
 
     platform: Platform = HostStandInPlatform() if args.standin else GuestPlatform()
     boot = pb.BootTimings(init_start_s=float(os.environ.get("VMF_INIT_UPTIME", "0")),
                           agent_start_s=agent_start)
-    server = grpc.aio.server()
-    pb_grpc.add_AgentServicer_to_server(AgentService(platform, boot), server)
+    containers = None
     if launcher_sock is not None:  # containers need the guest: mounts, namespaces
         from vmfactory.guest.agent.container_service import ContainerService
         from vmfactory.guest.agent.containers import ContainerManager
         from vmfactory.guest.agent.launch import Launcher
-        manager = ContainerManager(Launcher(launcher_sock))
-        pb_grpc.add_ContainersServicer_to_server(ContainerService(manager), server)
-    address = args.listen or f"unix:{GUEST_LOCAL_SOCKET}"
-    if server.add_insecure_port(address) == 0:
-        raise SystemExit(f"agent: cannot listen on {address}")
-    await server.start()
+        containers = ContainerService(ContainerManager(Launcher(launcher_sock)))
+    server = build_server(AgentService(platform, boot), containers)
+    if args.listen:
+        await _serve_unix(server, args.listen, boot, platform)
+        return
+    from vmfactory.guest.agent.port import PortServer
+    port = PortServer(find_port(args.port_name), server)
     boot.agent_ready_s = read_uptime()
-    if children:
-        _write_ready(boot)
-    logger.info("agent ready on %s (%s), uptime %.2fs", address, platform.name, boot.agent_ready_s)
-    if children:
-        _start_reaper(children)
-    await server.wait_for_termination()
+    _write_ready(boot)
+    logger.info("agent ready on port %s (%s), uptime %.2fs", args.port_name, platform.name,
+                boot.agent_ready_s)
+    _start_reaper(children)
+    await port.run()
+
+
+async def _serve_unix(server: aio.Server, listen: str, boot: pb.BootTimings,
+                      platform: Platform) -> None:
+    if not listen.startswith("unix:"):
+        raise SystemExit(f"agent: --listen takes unix:PATH, not {listen!r}")
+    listener = await server.start_unix_server(listen.removeprefix("unix:"))
+    boot.agent_ready_s = read_uptime()
+    logger.info("agent ready on %s (%s)", listen, platform.name)
+    async with listener:
+        await listener.serve_forever()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,15 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     children: list[int] = []
     launcher_sock = None
     if not args.listen:
-        # Fork before grpc is imported: the children never touch grpc state, and
-        # the launcher, which forks every container process, stays small.
-        for port_name, child in ((args.port_name, _bridge_child),
-                                 (CONTROL_PORT_NAME, _control_child)):
-            port = find_port(port_name)
-            pid = os.fork()
-            if pid == 0:
-                child(port)
-            children.append(pid)
+        # Fork before the services are imported: the launcher, which forks every
+        # container process, stays small.
+        port = find_port(CONTROL_PORT_NAME)
+        pid = os.fork()
+        if pid == 0:
+            _control_child(port)
+        children.append(pid)
         launcher_sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:

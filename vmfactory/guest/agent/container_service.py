@@ -1,25 +1,22 @@
-"""The Containers gRPC service: converts messages and delegates to the manager."""
+"""The Containers service: converts messages and delegates to the manager."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import resource
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from vmfactory.guest.agent import staging
 from vmfactory.guest.agent.confine import CAP_NUMBERS
 from vmfactory.guest.agent.containers import ContainerManager
-from vmfactory.guest.agent.errors import BadRequest, GuestError, status_of, trailers
+from vmfactory.guest.agent.errors import BadRequest
 from vmfactory.guest.agent.launch import ProcessPlan
 from vmfactory.guest.agent.process import GuestProcess, read_chunks
 from vmfactory.proto import agent_pb2 as pb
-from vmfactory.proto import agent_pb2_grpc as pb_grpc
+from vmfactory.ttrpc.aio import CallContext
 
 logger = logging.getLogger(__name__)
 
@@ -73,23 +70,6 @@ def _capabilities(msg: pb.Process) -> dict[str, list[str]] | None:
     return {k: list(v) for k, v in sets.items()}
 
 
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    try:
-        yield
-    except GuestError as exc:
-        raise _Abort(getattr(grpc.StatusCode, status_of(exc)), str(exc), trailers(exc)) from exc
-    except OSError as exc:
-        raise _Abort(grpc.StatusCode.INTERNAL, f"{exc}") from exc
-
-
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str,
-                 metadata: tuple[tuple[str, str], ...] = ()) -> None:
-        super().__init__(details)
-        self.code, self.details, self.metadata = code, details, metadata
-
-
 def _ns_pid(guest_pid: int) -> tuple[int, int, str, str]:
     """(PID in the innermost namespace, parent PID there, state, command line)."""
     status = Path(f"/proc/{guest_pid}/status").read_text()
@@ -99,78 +79,61 @@ def _ns_pid(guest_pid: int) -> tuple[int, int, str, str]:
     return ns_pid, int(fields["PPid"]), fields["State"].split()[0], cmdline.decode(errors="replace")
 
 
-class ContainerService(pb_grpc.ContainersServicer):
-    """Implements vmfactory.agent.v1.Containers."""
+class ContainerService:
+    """Implements vmfactory.agent.v1.Containers (errors: ``rpc.translated``)."""
 
     def __init__(self, manager: ContainerManager) -> None:
         self.manager = manager
 
-    async def _run(self, context: grpc.aio.ServicerContext, coro):  # type: ignore[no-untyped-def]
-        try:
-            with _errors():
-                return await coro
-        except _Abort as exc:
-            await context.abort(exc.code, exc.details, exc.metadata)
-
     async def CreateContainer(self, request: pb.CreateContainerRequest,
-                              context: grpc.aio.ServicerContext) -> pb.CreateContainerReply:
-        async def create() -> pb.CreateContainerReply:
-            p = request.process
-            container = await self.manager.create(
-                request.container_id, request.disk_serial, request.hostname, process_plan(p),
-                p.stdio, p.rows, p.cols, request.disk_timeout_s, staging.setup_of(request))
-            assert container.init is not None
-            return pb.CreateContainerReply(pid=container.init.pid)
-        return await self._run(context, create())
+                              context: CallContext) -> pb.CreateContainerReply:
+        p = request.process
+        container = await self.manager.create(
+            request.container_id, request.disk_serial, request.hostname, process_plan(p),
+            p.stdio, p.rows, p.cols, request.disk_timeout_s, staging.setup_of(request))
+        assert container.init is not None
+        return pb.CreateContainerReply(pid=container.init.pid)
 
     async def StartContainer(self, request: pb.StartContainerRequest,
-                             context: grpc.aio.ServicerContext) -> pb.StartContainerReply:
-        await self._run(context, self.manager.start(request.container_id))
+                             context: CallContext) -> pb.StartContainerReply:
+        await self.manager.start(request.container_id)
         return pb.StartContainerReply()
 
     async def RemoveContainer(self, request: pb.RemoveContainerRequest,
-                              context: grpc.aio.ServicerContext) -> pb.RemoveContainerReply:
-        await self._run(context, self.manager.remove(request.container_id, request.force))
+                              context: CallContext) -> pb.RemoveContainerReply:
+        await self.manager.remove(request.container_id, request.force)
         return pb.RemoveContainerReply()
 
     async def ExecProcess(self, request: pb.ExecProcessRequest,
-                          context: grpc.aio.ServicerContext) -> pb.ExecProcessReply:
-        async def run() -> pb.ExecProcessReply:
-            p = request.process
-            proc = await self.manager.exec(request.container_id, request.exec_id,
-                                           process_plan(p), p.stdio, p.rows, p.cols)
-            return pb.ExecProcessReply(pid=proc.pid)
-        return await self._run(context, run())
+                          context: CallContext) -> pb.ExecProcessReply:
+        p = request.process
+        proc = await self.manager.exec(request.container_id, request.exec_id,
+                                       process_plan(p), p.stdio, p.rows, p.cols)
+        return pb.ExecProcessReply(pid=proc.pid)
 
-    async def _process(self, container_id: str, exec_id: str) -> GuestProcess:
+    def _process(self, container_id: str, exec_id: str) -> GuestProcess:
         return self.manager.get(container_id).process(exec_id)
 
     async def SignalProcess(self, request: pb.SignalProcessRequest,
-                            context: grpc.aio.ServicerContext) -> pb.SignalProcessReply:
-        async def send() -> None:
-            self.manager.signal(request.container_id, request.exec_id, request.signal,
-                                request.all)
-        await self._run(context, send())
+                            context: CallContext) -> pb.SignalProcessReply:
+        self.manager.signal(request.container_id, request.exec_id, request.signal, request.all)
         return pb.SignalProcessReply()
 
     async def WaitProcess(self, request: pb.WaitProcessRequest,
-                          context: grpc.aio.ServicerContext) -> pb.WaitProcessReply:
-        proc = await self._run(context, self._process(request.container_id, request.exec_id))
+                          context: CallContext) -> pb.WaitProcessReply:
+        proc = self._process(request.container_id, request.exec_id)
         code = await asyncio.shield(proc.exited)
         return pb.WaitProcessReply(exit_code=code)
 
     async def ResizeTty(self, request: pb.ResizeTtyRequest,
-                        context: grpc.aio.ServicerContext) -> pb.ResizeTtyReply:
-        async def resize() -> None:
-            if not (0 < request.rows < 65536 and 0 < request.cols < 65536):
-                raise BadRequest("rows and cols must be 1-65535")
-            (await self._process(request.container_id, request.exec_id)).resize(
-                request.rows, request.cols)
-        await self._run(context, resize())
+                        context: CallContext) -> pb.ResizeTtyReply:
+        if not (0 < request.rows < 65536 and 0 < request.cols < 65536):
+            raise BadRequest("rows and cols must be 1-65535")
+        self._process(request.container_id, request.exec_id).resize(request.rows, request.cols)
         return pb.ResizeTtyReply()
 
     async def ListContainers(self, request: pb.ListContainersRequest,
-                             context: grpc.aio.ServicerContext) -> pb.ListContainersReply:
+                             context: CallContext) -> pb.ListContainersReply:
         out = []
         for c in self.manager.containers.values():
             init = c.init
@@ -181,8 +144,8 @@ class ContainerService(pb_grpc.ContainersServicer):
         return pb.ListContainersReply(containers=out)
 
     async def ListProcesses(self, request: pb.ListProcessesRequest,
-                            context: grpc.aio.ServicerContext) -> pb.ListProcessesReply:
-        container = await self._run(context, self._get(request.container_id))
+                            context: CallContext) -> pb.ListProcessesReply:
+        container = self.manager.get(request.container_id)
         out = []
         for guest_pid in self.manager.guest_pids(container):
             try:
@@ -194,21 +157,14 @@ class ContainerService(pb_grpc.ContainersServicer):
         out.sort(key=lambda p: p.pid)
         return pb.ListProcessesReply(processes=out)
 
-    async def _get(self, container_id: str):  # type: ignore[no-untyped-def]
-        return self.manager.get(container_id)
-
-    async def IoStream(self, request_iterator: AsyncIterator[pb.IoInput],
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.IoOutput]:
-        first = await anext(aiter(request_iterator), None)
+    async def IoStream(self, requests: AsyncIterator[pb.IoInput],
+                       context: CallContext) -> AsyncIterator[pb.IoOutput]:
+        first = await anext(aiter(requests), None)
         if first is None:
             return
-        proc = await self._run(context, self._process(first.container_id, first.exec_id))
-        try:
-            with _errors():
-                stdio = proc.claim_io()
-        except _Abort as exc:
-            await context.abort(exc.code, exc.details, exc.metadata)
-        feeder = asyncio.ensure_future(self._feed(proc, first, request_iterator))
+        proc = self._process(first.container_id, first.exec_id)
+        stdio = proc.claim_io()
+        feeder = asyncio.ensure_future(self._feed(proc, first, requests))
         try:
             async for item in _merge(stdio.stdout, stdio.stderr):
                 yield item

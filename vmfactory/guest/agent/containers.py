@@ -9,6 +9,7 @@ namespace; the container's own proc/dev mounts live in its namespace only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import errno
 import logging
@@ -271,7 +272,8 @@ class ContainerManager:
             raise BadRequest(f"signal {sig} is out of range")
         if every:
             for pid in self.guest_pids(container):
-                os.kill(pid, sig)
+                with contextlib.suppress(ProcessLookupError):  # exited since it was listed
+                    os.kill(pid, sig)
             return
         container.process(exec_id).signal(sig)
 
@@ -308,7 +310,9 @@ class ContainerManager:
             container.start_w = -1
         procs = [p for p in (container.init, *container.execs.values()) if p is not None]
         if container.init is not None and container.init.pid and not container.init.exited.done():
-            os.kill(container.init.pid, signal.SIGKILL)  # takes the whole PID namespace
+            # Gone already (its exit report is on its way): nothing to kill.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(container.init.pid, signal.SIGKILL)  # takes the whole PID namespace
         for proc in procs:
             if proc.pid:
                 try:

@@ -1,6 +1,6 @@
 """The guest side of the control channel: a blocking loop in its own process.
 
-Like the bridge it sleeps in sigtimedwait() while no host is connected (no
+Like the agent's port server it sleeps (in sigtimedwait()) while no host is connected (no
 wake-ups, no dirtied pages in clones) and answers frames with plain syscalls.
 """
 

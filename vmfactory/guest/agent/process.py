@@ -222,7 +222,10 @@ class GuestProcess:
     def signal(self, sig: int) -> None:
         if self.exited.done() or not self.pid:
             raise AgentStateError(f"{self.name} is not running")
-        os.kill(self.pid, sig)
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:  # exited; its exit report is on its way
+            raise AgentStateError(f"{self.name} is not running") from None
 
     def close(self) -> None:
         if self._status_task is not None and not self._status_task.done():
