@@ -21,7 +21,10 @@ processes naming the directory, entries in its run/, mounts under it) as leaked.
 Progress goes to stderr; a table (or one JSON object with --json) to stdout;
 benchmarks/results/pool.json and pool.png (or under --out DIR) are saved.
 
-    python benchmarks/pool.py [--json] [--quick] [--cycles 1000] [--log-dir DIR] [--out DIR]
+Concurrent clients (phases 1, 2 and 4) are separate processes (benchmarks/lib/get_worker.py).
+
+    python benchmarks/pool.py [--json] [--quick] [--cycles 1000] [--phases warm,cycles]
+                              [--log-dir DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ from benchmarks.lib.pool_plot import plot  # noqa: E402
 from benchmarks.lib.pool_report import TARGET_CONCURRENCY, assemble, report  # noqa: E402
 from benchmarks.lib.pool_traffic import (  # noqa: E402
     SWEEP_MAX_INFLIGHT, SWEEP_SEED, cycles_body, sweep_body)
+
+
+PHASES = ("warm", "hot", "comparison", "cycles", "sweep")
 
 
 def plan(quick: bool, cycles: int | None) -> dict[str, Any]:
@@ -126,12 +132,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     progress(f"{PREFIX} {'quick' if args.quick else 'full'} run; host: {host['cpus']} CPUs, "
              f"load {host['loadavg_start'][0]}, {host['other_qemu_start']} other QEMU processes, "
              f"{host['available_mib_start']} MiB available")
-    phases: dict[str, Any] = {
-        "warm": await latency_phase("warm", p, args.log_dir),
-        "hot": await latency_phase("hot", p, args.log_dir),
-        "comparison": await comparison_phase(p, args.log_dir),
-        "cycles": await cycles_phase(p, args.log_dir),
-        "sweep": await sweep_phases(p, args.log_dir)}
+    runs = {"warm": lambda: latency_phase("warm", p, args.log_dir),
+            "hot": lambda: latency_phase("hot", p, args.log_dir),
+            "comparison": lambda: comparison_phase(p, args.log_dir),
+            "cycles": lambda: cycles_phase(p, args.log_dir),
+            "sweep": lambda: sweep_phases(p, args.log_dir)}
+    phases: dict[str, Any] = {}
+    for name, phase in runs.items():
+        skipped: dict[str, Any] = {} if name == "sweep" else {"skipped": True}
+        phases[name] = await phase() if name in args.phases else skipped
     host.update({**host_end(), "available_mib_min": MemoryGuard.lowest()})
     result = assemble(args.quick, p, phases, host)
     result["runtime_s"] = round(time.monotonic() - t_start, 1)
@@ -147,8 +156,12 @@ def parse_args() -> argparse.Namespace:
                    help="get/release cycles in phase 4 (default 1000, --quick 50)")
     p.add_argument("--log-dir", type=Path, default=None,
                    help="copy each phase's daemon log into this directory")
+    p.add_argument("--phases", type=lambda v: v.split(","), default=list(PHASES),
+                   help=f"comma-separated phases to run (default all: {','.join(PHASES)})")
     add_out_option(p)
     args = p.parse_args()
+    if not set(args.phases) <= set(PHASES):
+        p.error(f"--phases takes some of {','.join(PHASES)}")
     if args.cycles is not None and args.cycles < 1:
         p.error("--cycles must be at least 1")
     return args

@@ -1,6 +1,8 @@
 """The pool benchmark's phases 1 to 3: concurrent gets from a full pool (warm =
 paused, hot = running) with the full pool's idle CPU, and gets that miss every
-pool (a template clone hot-plugged to 384 MiB, a cold boot)."""
+pool (a template clone hot-plugged to 384 MiB, a cold boot).  Concurrent clients
+are separate processes (``workers``): the daemon is measured, not one client's
+event loop; every sample has the client's time and the daemon's own (get_ms)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from benchmarks.lib.daemon import PREFIX, Body, DaemonRun, pool_counters, wait_f
 from benchmarks.lib.host import check_room
 from benchmarks.lib.output import progress
 from benchmarks.lib.stats import summarize
+from benchmarks.lib.workers import Worker, start_workers, stop_workers
 from vmfactory.server.client import FactoryClient
 
 # Host memory per VM, with a margin, for the checks before a phase starts.
@@ -94,43 +97,18 @@ async def idle_cpu(ctl: FactoryClient) -> dict[str, Any]:
 
 # -- phases 1 and 2: concurrent gets from a full pool -------------------------
 
-async def timed_get(client: FactoryClient, go: asyncio.Event) -> dict[str, Any]:
-    """One get once ``go`` is set: client-side ms, the daemon's get_ms, the source."""
-    await go.wait()
-    t = time.perf_counter()
-    try:
-        h = await client.get_vm(timeout=GET_TIMEOUT_S)
-    except Exception as exc:  # noqa: BLE001 - counted
-        return {"error": error_text(exc), "ms": (time.perf_counter() - t) * 1000}
-    return {"ms": (time.perf_counter() - t) * 1000, "server_ms": h.get_ms,
-            "source": h.source, "lease_id": h.lease_id}
-
-
-async def release_all(clients: list[FactoryClient], results: list[dict[str, Any]]) -> None:
-    """Release every VM the burst got; a failed release is added as an error sample."""
-    released = await asyncio.gather(
-        *(c.release(r["lease_id"]) for c, r in zip(clients, results) if "lease_id" in r),
-        return_exceptions=True)
-    for r in results:
-        r.pop("lease_id", None)
-    failures = [x for x in released if isinstance(x, BaseException)]
+async def release_all(workers: list[Worker], results: list[dict[str, Any]]) -> None:
+    """Every worker gives back what its get leased; a failed release is an error sample."""
+    released = await asyncio.gather(*(w.release() for w in workers))
+    failures = [x["error"] for x in released if "error" in x]
     if failures:
-        results.append({"error": f"release: {failures[0]!r}"[:300], "ms": 0.0,
-                        "release_errors": len(failures)})
+        results.append({"error": failures[0], "ms": 0.0, "release_errors": len(failures)})
 
 
-async def burst(clients: list[FactoryClient]) -> list[dict[str, Any]]:
-    """Every client asks at once; all VMs are released afterwards."""
-    go = asyncio.Event()
-    tasks = [asyncio.create_task(timed_get(c, go)) for c in clients]
-    try:
-        await asyncio.sleep(0)  # every task is now waiting on ``go``
-        go.set()
-        results = await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-    await release_all(clients, results)
+async def burst(workers: list[Worker]) -> list[dict[str, Any]]:
+    """Every client process asks at once; all VMs are released afterwards."""
+    results = list(await asyncio.gather(*(w.get(GET_TIMEOUT_S) for w in workers)))
+    await release_all(workers, results)
     return results
 
 
@@ -157,18 +135,17 @@ def report_round(label: str, c: int, r: int, rounds: int, res: list[dict[str, An
 
 async def at_concurrency(d: DaemonRun, ctl: FactoryClient, label: str, c: int,
                          rounds: int) -> list[dict[str, Any]]:
-    """``rounds`` bursts of ``c`` clients, each from a full pool; every sample."""
-    clients = [d.client() for _ in range(c)]
+    """``rounds`` bursts of ``c`` client processes, each from a full pool; every sample."""
+    workers = await start_workers(d.socket, c)
     samples: list[dict[str, Any]] = []
     try:
-        await connect(clients)
         for r in range(rounds):
             await wait_full(ctl, label)
-            res = await burst(clients)
+            res = await burst(workers)
             samples += res
             report_round(label, c, r, rounds, res)
     finally:
-        await close_all(clients)
+        await stop_workers(workers)
     return samples
 
 

@@ -41,7 +41,8 @@ def cycles_result(cyc: dict[str, Any], requested: int) -> dict[str, Any]:
     out = {"count": cyc.get("count", 0), "requested": requested,
            "concurrency": TARGET_CONCURRENCY, "errors": cyc.get("errors"),
            "leaked": cycles_leaked(cyc), "wall_s": cyc.get("wall_s"),
-           **{k: cyc.get(k) for k in ("throughput_per_s", "get_ms", "sources", "error_kinds",
+           **{k: cyc.get(k) for k in ("throughput_per_s", "get_ms", "server_get_ms", "sources",
+                                      "error_kinds",
                                       "leases_left", "untracked_qemu_before_stop",
                                       "pool_counters", "stopped_early")}}
     if "error" in cyc:

@@ -8,6 +8,7 @@ import asyncio
 import random
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from benchmarks.lib.daemon import PREFIX, Body, DaemonRun, pool_counters, wait_full
@@ -15,6 +16,7 @@ from benchmarks.lib.host import LOW_WATER_MIB, available_mib
 from benchmarks.lib.output import progress
 from benchmarks.lib.pool_phases import GET_TIMEOUT_S, close_all, connect, error_text
 from benchmarks.lib.stats import count_kinds, median_or_none, percentile, stats
+from benchmarks.lib.workers import Worker, start_workers, stop_workers
 from vmfactory.hypervisor.proc import processes_under
 from vmfactory.server.client import FactoryClient
 
@@ -39,27 +41,29 @@ class Cycles:
         self.started = self.done = 0
         self.errors: list[str] = []
         self.latencies: list[float] = []
+        self.server_ms: list[float] = []
         self.sources: Counter[str] = Counter()
         self.every = 50 if n >= 200 else 10
         self.budget_s = 300 + 10 * n  # bound: far above ~1-2 s per cycle at 2 refills at once
         self.t0 = time.monotonic()
         self.deadline = self.t0 + self.budget_s
 
-    async def run(self, clients: list[FactoryClient]) -> float:
-        """Every client works until the cycles or the budget are spent; the wall time."""
+    async def run(self, socket: Path, concurrency: int) -> float:
+        """Every client process works until the cycles or the budget are spent; the wall
+        time."""
+        workers = await start_workers(socket, concurrency)
         try:
-            await connect(clients)
             self.t0 = time.monotonic()
             self.deadline = self.t0 + self.budget_s
-            await asyncio.gather(*(self.worker(c) for c in clients))
+            await asyncio.gather(*(self.worker(w) for w in workers))
         finally:
-            await close_all(clients)
+            await stop_workers(workers)
         return time.monotonic() - self.t0
 
-    async def worker(self, client: FactoryClient) -> None:
+    async def worker(self, worker: Worker) -> None:
         while self.started < self.n and time.monotonic() < self.deadline:
             self.started += 1
-            await self.cycle(client)
+            await self.cycle(worker)
             self.done += 1
             if self.done % self.every == 0 or self.done == self.n:
                 el = time.monotonic() - self.t0
@@ -67,21 +71,24 @@ class Cycles:
                          f"({self.done / el:.2f}/s), {len(self.errors)} errors, "
                          f"{available_mib():.0f} MiB available")
 
-    async def cycle(self, client: FactoryClient) -> None:
-        t = time.perf_counter()
-        try:
-            h = await client.get_vm(timeout=CYCLE_TIMEOUT_S)
-            self.latencies.append((time.perf_counter() - t) * 1000)
-            self.sources[h.source] += 1
-            await client.release(h.lease_id)
-        except Exception as exc:  # noqa: BLE001 - every exception is an error
-            self.errors.append(error_text(exc))
+    async def cycle(self, worker: Worker) -> None:
+        got = await worker.get(CYCLE_TIMEOUT_S)
+        if "error" in got:
+            self.errors.append(got["error"])
+            return
+        self.latencies.append(got["ms"])
+        self.server_ms.append(got["server_ms"])
+        self.sources[got["source"]] += 1
+        released = await worker.release()
+        if "error" in released:
+            self.errors.append(released["error"])
 
     def summary(self, wall: float) -> dict[str, Any]:
         out = {"count": self.done, "errors": len(self.errors), "wall_s": round(wall, 1),
                "throughput_per_s": round(self.done / wall, 3) if wall > 0 else None,
                "sources": dict(self.sources), "error_kinds": count_kinds(self.errors, 5),
-               "get_ms": stats(self.latencies) if self.latencies else None}
+               "get_ms": stats(self.latencies) if self.latencies else None,
+               "server_get_ms": stats(self.server_ms) if self.server_ms else None}
         if self.done < self.n:
             out["stopped_early"] = (f"time budget of {self.budget_s} s spent after "
                                     f"{self.done} cycles")
@@ -110,7 +117,7 @@ def cycles_body(n: int, concurrency: int) -> Body:
         async with d.client() as ctl:
             out["fill_s"] = round(await wait_full(ctl, "cycles"), 1)
             cycles = Cycles(n)
-            wall = await cycles.run([d.client() for _ in range(concurrency)])
+            wall = await cycles.run(d.socket, concurrency)
             out.update(cycles.summary(wall))
             out.update(await settle(d, ctl))
         return out

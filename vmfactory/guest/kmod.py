@@ -92,3 +92,34 @@ def extract_vmlinux(bzimage: bytes) -> bytes | None:
         return None
     # A cut-off stream decompresses "fine" into a cut-off kernel.
     return elf if decompressor.eof and elf[:4] == b"\x7fELF" else None
+
+
+def trim_elf_zeros(elf: bytes) -> bytes:
+    """``elf`` (a 64-bit little-endian ELF kernel) without the zero bytes that end its
+    last loadable segment (its .bss, stored in the file) and without section headers
+    and symbols: a loader zero-fills a segment's memory beyond its file size, so
+    the kernel QEMU loads is the same."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        return elf
+    phoff, = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    loads = []
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        p_type, _flags, offset = struct.unpack_from("<IIQ", elf, at)
+        filesz, = struct.unpack_from("<Q", elf, at + 32)
+        if p_type == 1:  # PT_LOAD
+            loads.append((offset + filesz, at, offset, filesz))
+    if not loads:
+        return elf
+    end, at, offset, filesz = max(loads)
+    if any(e > offset for e, a, _, _ in loads if a != at):
+        return elf  # another segment's bytes lie after it: leave the file alone
+    last = len(elf[offset:end].rstrip(b"\0"))
+    if last == filesz:
+        return elf  # nothing stored to drop
+    out = bytearray(elf[:offset + last])
+    struct.pack_into("<Q", out, at + 32, last)
+    struct.pack_into("<Q", out, 0x28, 0)          # e_shoff
+    struct.pack_into("<HHH", out, 0x3A, 0, 0, 0)  # e_shentsize, e_shnum, e_shstrndx
+    return bytes(out)

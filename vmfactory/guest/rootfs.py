@@ -151,7 +151,8 @@ def tree_size(root: Path) -> int:
 
 def make_ext4(root: Path, image: Path) -> None:
     """Pack ``root`` into an ext4 file system image without mounting anything."""
-    size_mib = tree_size(root) * 5 // 4 // (1 << 20) + 32
+    # Room for ext4's own metadata (inode tables, directories): the root is read-only.
+    size_mib = tree_size(root) * 9 // 8 // (1 << 20) + 12
     argv = ["mkfs.ext4", "-q", "-F", "-L", "vmfroot", "-O", "^has_journal",
             "-E", "root_owner=0:0", "-d", str(root), str(image), f"{size_mib}M"]
     try:
