@@ -7,6 +7,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -258,6 +259,46 @@ async def test_refills_wait_for_a_quiet_gap_unless_the_pool_runs_low(root: Path)
                     what="a refill under the low-water mark")
         for lease in (first, second):
             await daemon.release(lease.id, ME)
+    finally:
+        await daemon.shutdown()
+    assert not standins(root)
+
+
+class _SilentGuest:
+    """A test double for a pooled VM's agent and control channels: the thin
+    handout must not call the guest, so any call but close() fails the test."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        self.calls.append(name)
+
+        async def call(*args: Any, **kwargs: Any) -> None:
+            if name != "close":
+                raise AssertionError(f"the handout called the guest: {name}")
+        return call
+
+
+async def test_a_paused_handout_makes_no_guest_round_trip(root: Path) -> None:
+    daemon = await started(standin_config(root))
+    pool = daemon.pools["p"]
+    try:
+        await until(lambda: len(pool.ready) == 2, what="pool full")
+        real = {vm.id: (vm.agent, vm.control) for vm in pool.ready}
+        silent = _SilentGuest()
+        for vm in pool.ready:
+            vm.agent, vm.control = silent, silent  # type: ignore[assignment]
+        lease = await daemon.get_vm(VmRequest(), soon(), ME)
+        assert lease.vm.state is VmState.RUNNING and lease.source is VmSource.POOL
+        assert silent.calls == ["close"]  # hand_over_agent: the host's connection only
+        for vm in [lease.vm, *pool.ready]:
+            agent, control = real.get(vm.id, (None, None))
+            vm.agent, vm.control = agent, control
+        for agent, _ in real.values():
+            if agent is not None:
+                await agent.close()
+        await daemon.release(lease.id, ME)
     finally:
         await daemon.shutdown()
     assert not standins(root)

@@ -109,6 +109,17 @@ async def test_new_host_connection_after_quick_reconnect(vm: QemuVm) -> None:
     await vm.agent.wait_ready(10)
 
 
+async def test_a_paused_guests_clock_follows_the_first_call_after_resume(vm: QemuVm) -> None:
+    assert vm.agent is not None
+    await vm.agent.set_time()
+    await vm.pause()
+    await asyncio.sleep(3.0)  # the guest's clock stands still meanwhile
+    await vm.resume()
+    # No SetTime: the call carries the host's time and the agent steps forward to it.
+    info = await vm.agent.info(0)
+    assert abs(info.time_unix_ns - time.time_ns()) < 10**9
+
+
 async def test_memory_is_measured(vm: QemuVm) -> None:
     mem = vm.memory()
     assert 0 < mem.uss_mib <= mem.pss_mib <= mem.rss_mib

@@ -262,3 +262,25 @@ def test_errors_derive_from_store_error() -> None:
                 InvalidStoreUrl, RecordFormatError):
         assert issubclass(cls, StoreError)
         assert issubclass(cls, VmFactoryError)
+
+
+def test_save_many_saves_every_record_last_value_wins(open_backend: Callable[[], Store]) -> None:
+    store = open_backend()
+    store.save("vms/a", b"old")
+    store.save_many([("vms/a", b"1"), ("vms/b", b"2"), ("other", b"3"), ("vms/a", b"4")])
+    assert [store.load(k) for k in ("vms/a", "vms/b", "other")] == [b"4", b"2", b"3"]
+    store.close()
+    store = open_backend()  # durable: a new handle reads the same
+    assert store.list() == ["other", "vms/a", "vms/b"] and store.load("vms/a") == b"4"
+    store.save_many([])  # nothing to write is fine
+
+
+def test_save_many_checks_every_key_before_writing(store: Store) -> None:
+    with pytest.raises(InvalidKey):
+        store.save_many([("vms/a", b"1"), ("../escape", b"2")])
+    with pytest.raises(TypeError):
+        store.save_many([("vms/a", b"1"), ("vms/b", "text")])  # type: ignore[list-item]
+    assert store.list() == []
+    store.close()
+    with pytest.raises(StoreClosed):
+        store.save_many([("vms/a", b"1")])

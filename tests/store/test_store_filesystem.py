@@ -139,3 +139,46 @@ def test_root_that_is_a_file_is_a_store_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError) as info:
         FilesystemStore(tmp_path / "file")
     assert str(tmp_path / "file") in str(info.value)
+
+
+def test_save_many_syncs_each_file_and_each_directory_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FilesystemStore(tmp_path / "s") as store:
+        store.save("vms/seed", b"0")  # the directories exist: only the group's syncs count
+        synced: list[str] = []
+        real_fsync = os.fsync
+
+        def counting(fd: int) -> None:
+            synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", counting)
+        store.save_many([(f"vms/{i}", b"x") for i in range(8)] + [("top", b"y")])
+        assert synced.count("file") == 9
+        assert synced.count("dir") == 2  # data/vms.d and data, not one per record
+        assert len(store.list("vms/")) == 9
+
+
+def test_save_many_failing_part_way_names_the_key_and_leaves_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with FilesystemStore(tmp_path / "s") as store:
+        store.save("k2", b"old")
+        calls: list[int] = []
+        real_fsync = os.fsync
+
+        def second_fails(fd: int) -> None:
+            calls.append(fd)
+            if len(calls) == 2:
+                raise OSError(28, "No space left on device")
+            real_fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", second_fails)
+        with pytest.raises(StoreError) as info:
+            store.save_many([("k1", b"1"), ("k2", b"new"), ("k3", b"3")])
+        assert "'k2'" in str(info.value)
+        monkeypatch.undo()
+        assert store.load("k1") == b"1" and store.load("k2") == b"old"
+        assert sorted(p.name for p in (tmp_path / "s" / "data").iterdir()) == ["k1.rec",
+                                                                              "k2.rec"]

@@ -28,6 +28,7 @@ from typing import Any
 from google.protobuf.message import DecodeError, Message
 
 from vmfactory.errors import AgentError
+from vmfactory.guest.agent.clock import HOST_TIME_KEY
 from vmfactory.guest.agent.errors import from_status
 from vmfactory.proto import agent_pb2 as pb
 from vmfactory.ttrpc import aio
@@ -35,6 +36,12 @@ from vmfactory.ttrpc.frames import CODE_NAMES, ConnectionLost, RpcError, TtrpcEr
 from vmfactory.ttrpc.services import Method, methods
 
 logger = logging.getLogger(__name__)
+
+
+def _host_time() -> dict[str, str]:
+    """Every call's metadata: the host clock, which the guest's follows (see
+    ``guest/agent/clock``), so no handout has to set it."""
+    return {HOST_TIME_KEY: str(time.time_ns())}
 
 AGENT = methods(pb.DESCRIPTOR.services_by_name["Agent"])
 CONTAINERS = methods(pb.DESCRIPTOR.services_by_name["Containers"])
@@ -180,7 +187,8 @@ class AgentClient:
             async with asyncio.timeout(limit):
                 client = await self._connection()
                 data = await client.call(method.service, method.name,
-                                         request.SerializeToString(), timeout=limit)
+                                         request.SerializeToString(), timeout=limit,
+                                         metadata=_host_time())
             return method.reply.FromString(data)
         except (TtrpcError, TimeoutError, OSError, DecodeError) as exc:
             raise agent_error(name, exc) from exc
@@ -221,7 +229,7 @@ class AgentClient:
                 raise TimeoutError from None
             data = await client.call(method.service, method.name,
                                      pb.PingRequest(token=token).SerializeToString(),
-                                     timeout=timeout)
+                                     timeout=timeout, metadata=_host_time())
         return pb.PingReply.FromString(data)
 
     async def _reset(self) -> None:
@@ -320,7 +328,8 @@ class AgentClient:
         try:
             async with asyncio.timeout(timeout):
                 client = await self._connection()
-            stream = await client.stream(method.service, method.name, timeout=timeout)
+            stream = await client.stream(method.service, method.name, timeout=timeout,
+                                         metadata=_host_time())
             await stream.send(pb.IoInput(container_id=container_id,
                                          exec_id=exec_id).SerializeToString())
         except (TtrpcError, TimeoutError, OSError) as exc:

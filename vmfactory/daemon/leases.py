@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import logging
 import secrets
@@ -98,24 +97,21 @@ class LeaseTable:
         return list(self._leases.values())
 
     async def add(self, lease: Lease) -> Lease:
-        """Record a new lease (synced to the store, off the event loop) and return it.
+        """Record a new lease (synced to the store in a group commit) and return it.
         A caller cancelled meanwhile still waits for the write, so whoever stops
         the VM next also drops its record."""
-        await finish(asyncio.to_thread(self._records.save, lease.vm, Role.LEASED, lease.pool,
-                                       lease.record()))
+        await finish(self._records.commit(lease.vm, Role.LEASED, lease.pool, lease.record()))
         self._leases[lease.id] = lease
         return lease
 
     async def renew(self, lease: Lease, ttl_s: float) -> None:
         """The lease ends ``ttl_s`` from now (recorded, so a restarted daemon agrees)."""
         lease.ttl_s, lease.renewed = ttl_s, time.time()
-        await asyncio.to_thread(self._records.save, lease.vm, Role.LEASED, lease.pool,
-                                lease.record())
+        await self._records.commit(lease.vm, Role.LEASED, lease.pool, lease.record())
 
     async def restore(self, lease: Lease) -> None:
         """Take back a lease an earlier daemon recorded (crash recovery)."""
-        await asyncio.to_thread(self._records.save, lease.vm, Role.LEASED, lease.pool,
-                                lease.record())
+        await self._records.commit(lease.vm, Role.LEASED, lease.pool, lease.record())
         self._leases[lease.id] = lease
 
     def get(self, lease_id: str) -> Lease:

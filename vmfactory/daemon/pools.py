@@ -2,8 +2,8 @@
 
 Pooled VMs are made by a base (template clone or cold boot), warmed (their
 agent has answered), and paused so they cost no CPU while they wait.  A
-handout resumes one, checks that its agent answers (a dead VM is replaced,
-never handed out), runs the get-VM sequence and triggers a refill.  Refills run
+handout is thin: it resumes one whose QEMU lives (a dead VM is replaced, never
+handed out) without waiting on the guest, and triggers a refill.  Refills run
 in the background, bounded by a shared semaphore, and pause while the host's
 available memory is under the configured floor.
 
@@ -32,9 +32,8 @@ from vmfactory.daemon.records import Role, VmRecords
 from vmfactory.daemon.sizing import Sizer
 from vmfactory.errors import FactoryError, PoolEmpty, VmFactoryError
 from vmfactory.factory.base import FactoryBase
-from vmfactory.factory.sequence import prepare_vm
 from vmfactory.factory.warmup import warm_container_path
-from vmfactory.hypervisor.base import Vm
+from vmfactory.hypervisor.base import Vm, VmState
 from vmfactory.util.states import Lifecycle, require
 from vmfactory.util.tasks import Policy, Supervisor, Teardown, finish
 
@@ -187,12 +186,20 @@ class Pool(Lifecycle[PoolState]):
             self.ready.appendleft(waiter.result())
 
     async def _activate(self, vm: Vm) -> None:
-        if vm.pid is None:
+        """The thin handout: no guest round trip while the caller waits.
+
+        A paused VM ran nothing since its agent last answered (in _make_one), so
+        its live QEMU proves it alive; its RNG was reseeded when it was made, and
+        its clock follows the lessee's first agent call (guest/agent/clock).  A
+        running VM (keep_running) may have failed meanwhile: one control-channel
+        ping, ~1 ms, checks it."""
+        if vm.pid is None or not vm.alive:
             raise FactoryError(f"vm {vm.id} has no process")
-        # Its own priority back, then resume and set the clock; the agent answering
-        # proves it alive.  The RNG was reseeded when it entered the pool (_make_one).
-        vm.set_priority(0)
-        await prepare_vm(vm, reseed=False)
+        vm.set_priority(0)  # its own priority back, before it runs for the lessee
+        if vm.state is VmState.PAUSED:
+            await vm.resume()
+        elif vm.control is not None:
+            await vm.control.ping()
 
     async def _replace(self, vm: Vm, why: str) -> None:
         self.replaced += 1
@@ -293,10 +300,9 @@ class Pool(Lifecycle[PoolState]):
             try:
                 vm.set_priority(self._refill.nice)
                 # The base ran the get-VM sequence (reseeded: clones share their
-                # template's RNG state until then).  Run the handout path and a gRPC
-                # call once more, so their guest code is already in TCG's
-                # translation cache when the handout comes.
-                await prepare_vm(vm, reseed=False)
+                # template's RNG state until then).  One agent call, so its guest
+                # code is already in TCG's translation cache when the lessee's
+                # first call comes; it also proves the agent alive before pausing.
                 if vm.agent is not None:
                     await vm.agent.wait_ready(vm.timeouts.agent_call)
                 if self.config.warm_containers:
@@ -326,7 +332,7 @@ class Pool(Lifecycle[PoolState]):
             await finish(vm.stop())  # closed while it was made
             return
         try:
-            await asyncio.to_thread(self._records.save, vm, Role.POOLED, self.name)
+            await self._records.commit(vm, Role.POOLED, self.name)
         except BaseException:
             await finish(vm.stop())
             raise

@@ -2,12 +2,17 @@
 
 ``vms/<id>`` holds the VM's spec, pid, size, role (pooled or leased) and, for a
 leased VM, its lease.  A record is written when a VM enters a pool or a lease
-(one synced write per handout) and dropped when the VM stops.
+and dropped when the VM stops.  Writes from the event loop go through
+:meth:`VmRecords.commit`, a group commit: the records committed while one
+synced write is in flight share the next one, so a burst of handouts costs a
+few syncs, not one each.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import json
 import logging
 from typing import Any
 
@@ -29,14 +34,59 @@ class VmRecords:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+        self._queue: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _encode(vm: Vm, role: Role, pool: str, lease: dict[str, Any] | None) -> bytes:
+        record = {"vm_id": vm.id, "pid": vm.pid, "spec": vm.spec.to_record(),
+                  "cpus": vm.cpus, "memory_mib": vm.memory_mib, "role": role.value, "pool": pool,
+                  "lease": lease, "paused": vm.state is VmState.PAUSED}
+        return json.dumps(record, sort_keys=True, separators=(",", ":"),
+                          allow_nan=False).encode()
 
     def save(self, vm: Vm, role: Role, pool: str = "",
              lease: dict[str, Any] | None = None) -> None:
         """(Re)write ``vm``'s record and drop it automatically when the VM stops."""
-        record = {"vm_id": vm.id, "pid": vm.pid, "spec": vm.spec.to_record(),
-                  "cpus": vm.cpus, "memory_mib": vm.memory_mib, "role": role.value, "pool": pool,
-                  "lease": lease, "paused": vm.state is VmState.PAUSED}
-        self._store.save_json(f"vms/{vm.id}", record)
+        self._store.save(f"vms/{vm.id}", self._encode(vm, role, pool, lease))
+        self._drop_on_stop(vm)
+
+    async def commit(self, vm: Vm, role: Role, pool: str = "",
+                     lease: dict[str, Any] | None = None) -> None:
+        """:meth:`save`, off the event loop and grouped with the records other
+        callers commit meanwhile.  The record is read now; once this returns it
+        is synced.  A caller cancelled meanwhile does not stop the write."""
+        done = asyncio.get_running_loop().create_future()
+        self._queue.append((f"vms/{vm.id}", self._encode(vm, role, pool, lease), done))
+        if self._writer is None:
+            # Its outcome reaches every committer through their futures, which
+            # is where a failure is raised and logged.
+            self._writer = asyncio.ensure_future(self._write_groups())
+        await asyncio.shield(done)
+        self._drop_on_stop(vm)
+
+    async def _write_groups(self) -> None:
+        """Write what is queued, one group per synced write, until nothing is."""
+        group: list[tuple[str, bytes, asyncio.Future[None]]] = []
+        try:
+            while self._queue:
+                group, self._queue = self._queue, []
+                try:
+                    await asyncio.to_thread(self._store.save_many,
+                                            [(key, value) for key, value, _ in group])
+                except Exception as exc:
+                    for _, _, done in group:
+                        done.set_exception(exc)
+                    continue
+                for _, _, done in group:
+                    done.set_result(None)
+        finally:
+            self._writer = None
+            for _, _, done in group + self._queue:  # cancelled: the loop is closing
+                if not done.done():
+                    done.cancel()
+
+    def _drop_on_stop(self, vm: Vm) -> None:
         if self._drop not in vm.stop_callbacks:
             vm.stop_callbacks.append(self._drop)
 

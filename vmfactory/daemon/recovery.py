@@ -105,7 +105,7 @@ class Recovery:
             if vm.state is VmState.RUNNING and not pool.config.keep_running:
                 await vm.pause()
             pool.adopt(vm)
-            await asyncio.to_thread(self.records.save, vm, Role.POOLED, pool.name)
+            await self.records.commit(vm, Role.POOLED, pool.name)
             self.report.pooled.append(vm.id)
             return
         logger.info("recovery: vm %s has no pool or lease any more: stopping it", vm.id)

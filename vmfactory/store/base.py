@@ -1,8 +1,8 @@
 """The abstract metadata store.
 
 This is vmfactory's take on Kata Containers' metadata storage plugin API
-(``Save(key, value)``, ``Load(key)``, ``Delete(key)``), plus ``list`` and an
-explicit lifecycle.  :class:`Store` owns everything the backends share: key
+(``Save(key, value)``, ``Load(key)``, ``Delete(key)``), plus ``list``,
+``save_many`` (group commit) and an explicit lifecycle.  :class:`Store` owns everything the backends share: key
 validation, value type checks, the open/closed state and the JSON helpers.
 Backends implement the ``_save`` / ``_load`` / ``_delete`` / ``_list`` /
 ``_close`` hooks and may assume the key is valid and the store is open.
@@ -15,6 +15,7 @@ import json
 import logging
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Self
 
@@ -110,6 +111,22 @@ class Store(Lifecycle[StoreState], ABC):
         self._save(key, _as_bytes(value))
 
     @require(StoreState.OPEN)
+    def save_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """:meth:`save` for each ``(key, value)`` in order (a key given twice keeps
+        its last value), sharing the backend's synced writes (group commit).
+
+        When this returns every record survives a crash; a failure part way may
+        leave the earlier records saved and the later ones not.  Every key is
+        checked before anything is written.
+        """
+        checked = []
+        for key, value in items:
+            validate_key(key)
+            checked.append((key, _as_bytes(value)))
+        if checked:
+            self._save_many(checked)
+
+    @require(StoreState.OPEN)
     def load(self, key: str) -> bytes:
         """Return the value stored under ``key``.
 
@@ -168,6 +185,12 @@ class Store(Lifecycle[StoreState], ABC):
     @abstractmethod
     def _save(self, key: str, value: bytes) -> None:
         """Durably store ``value`` under the already validated ``key``."""
+
+    def _save_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Durably store each validated ``(key, value)``; backends that can share
+        one synced write among them override this."""
+        for key, value in items:
+            self._save(key, value)
 
     @abstractmethod
     def _load(self, key: str) -> bytes:

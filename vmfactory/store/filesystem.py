@@ -14,8 +14,8 @@ Layout under the store root::
 Directory names always end in ``.d`` and record names in ``.rec``, so a key
 and its children never collide, and temp files (``.tmp``) are never mistaken
 for records.  Writes go to a temp file in the target directory, are fsynced,
-renamed over the record and the directory is fsynced, all under an exclusive
-``flock`` on ``LOCK``.  Reads take no lock: a rename is atomic, so a reader sees
+renamed over the record and the directory is fsynced (once for all the records
+of one ``save_many``), all under an exclusive ``flock`` on ``LOCK``.  Reads take no lock: a rename is atomic, so a reader sees
 the old or the new record, never a mix.  Directories are created 0700 and files
 0600, set explicitly so the umask does not matter.
 """
@@ -170,18 +170,30 @@ class FilesystemStore(Store):
     # -- hooks -----------------------------------------------------------------
 
     def _save(self, key: str, value: bytes) -> None:
-        data = encode_record(value)
-        target = self.record_path(key)
-        with self._write_lock():
-            try:
-                rel_dirs = list(target.parent.relative_to(self._data).parts)
-                _make_dirs(self._data, rel_dirs)
-                self._replace_file(target, data)
-            except OSError as exc:
-                raise StoreError(f"saving {key!r} to {target} failed: {exc}") from exc
+        self._save_many([(key, value)])
         logger.debug("saved %s (%d bytes)", key, len(value))
 
-    def _replace_file(self, target: Path, data: bytes) -> None:
+    def _save_many(self, items: list[tuple[str, bytes]]) -> None:
+        # Each record is its own fsynced file renamed into place; the renames of
+        # one group share one fsync per directory.
+        dirs: dict[Path, None] = {}
+        with self._write_lock():
+            for key, value in items:
+                target = self.record_path(key)
+                try:
+                    _make_dirs(self._data, list(target.parent.relative_to(self._data).parts))
+                    self._write_file(target, encode_record(value))
+                except OSError as exc:
+                    raise StoreError(f"saving {key!r} to {target} failed: {exc}") from exc
+                dirs[target.parent] = None
+            for directory in dirs:
+                try:
+                    _fsync_dir(directory)
+                except OSError as exc:
+                    raise StoreError(f"syncing {directory} failed: {exc}") from exc
+
+    def _write_file(self, target: Path, data: bytes) -> None:
+        """Replace ``target`` by a synced temp file (its directory is not synced)."""
         tmp = target.with_name(f".{target.name}.{_unique_suffix()}{TEMP_SUFFIX}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
@@ -197,7 +209,6 @@ class FilesystemStore(Store):
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(target.parent)
 
     def _load(self, key: str) -> bytes:
         path = self.record_path(key)

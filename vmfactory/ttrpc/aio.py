@@ -359,12 +359,14 @@ class Client:
             self._writer.write(f.encode(stream_id, f.CANCEL, 0, b""))
 
     async def stream(self, service: str, method: str, payload: bytes | None = None, *,
-                     timeout: float | None = None) -> ClientStream:
+                     timeout: float | None = None,
+                     metadata: dict[str, str] | None = None) -> ClientStream:
         """A streaming call: ``payload`` given, the client sends nothing more (the
         server streams); None, the client goes on with send() and close_send()."""
         stream_id, pending = self._open(streaming=True)
         flags = f.FLAG_REMOTE_CLOSED if payload is not None else f.FLAG_REMOTE_OPEN
-        await self._request(stream_id, service, method, payload or b"", timeout, None, flags)
+        await self._request(stream_id, service, method, payload or b"", timeout, metadata,
+                            flags)
         pending.response.add_done_callback(lambda _r: self._pending.pop(stream_id, None))
         return ClientStream(self, stream_id, pending)
 

@@ -102,6 +102,7 @@ def _write_ready(boot: object) -> None:
 
 async def serve(args: argparse.Namespace, agent_start: float, children: list[int],
                 launcher_sock: socket.socket | None) -> None:
+    from vmfactory.guest.agent.clock import ClockFollower
     from vmfactory.guest.agent.rpc import build_server
     from vmfactory.guest.agent.service import AgentService
     from vmfactory.proto import agent_pb2 as pb
@@ -115,7 +116,7 @@ async def serve(args: argparse.Namespace, agent_start: float, children: list[int
         from vmfactory.guest.agent.containers import ContainerManager
         from vmfactory.guest.agent.launch import Launcher
         containers = ContainerService(ContainerManager(Launcher(launcher_sock)))
-    server = build_server(AgentService(platform, boot), containers)
+    server = build_server(AgentService(platform, boot), containers, ClockFollower(platform))
     if args.listen:
         await _serve_unix(server, args.listen, boot, platform)
         return

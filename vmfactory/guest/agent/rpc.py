@@ -1,6 +1,7 @@
 """The agent's ttrpc server: its two services, and the edge where a guest error
 becomes a status (the table is ``errors.WIRE``; the class name and errno travel
-as status details, so the host raises the same class again)."""
+as status details, so the host raises the same class again).  Every call first
+lets the guest clock follow the host time it carries (see ``clock``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+from vmfactory.guest.agent.clock import ClockFollower
 from vmfactory.guest.agent.errors import GuestError, status_of, trailers
 from vmfactory.proto import agent_pb2 as pb
 from vmfactory.ttrpc import aio
@@ -37,30 +39,38 @@ def _translated() -> Iterator[None]:
 
 
 class _Translating:
-    """``servicer`` with every RPC method's errors translated at this edge."""
+    """``servicer`` with every RPC method's errors translated at this edge, and
+    ``clock`` following each call's host time before the method runs."""
 
-    def __init__(self, servicer: object) -> None:
+    def __init__(self, servicer: object, clock: ClockFollower | None) -> None:
         self._servicer = servicer
+        self._clock = clock
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         method = getattr(self._servicer, name)
+        clock = self._clock
         if inspect.isasyncgenfunction(method):
-            async def streaming(*args: Any) -> AsyncIterator[Any]:
+            async def streaming(requests: Any, ctx: aio.CallContext) -> AsyncIterator[Any]:
+                if clock is not None:
+                    clock.follow(ctx.metadata)
                 with _translated():
-                    async for item in method(*args):
+                    async for item in method(requests, ctx):
                         yield item
             return streaming
 
-        async def unary(*args: Any) -> Any:
+        async def unary(request: Any, ctx: aio.CallContext) -> Any:
+            if clock is not None:
+                clock.follow(ctx.metadata)
             with _translated():
-                return await method(*args)
+                return await method(request, ctx)
         return unary
 
 
-def build_server(agent: object, containers: object | None) -> aio.Server:
+def build_server(agent: object, containers: object | None,
+                 clock: ClockFollower | None = None) -> aio.Server:
     """A ttrpc server for the Agent servicer (and the Containers one, if given)."""
     server = aio.Server()
-    add_service(server, AGENT, _Translating(agent))
+    add_service(server, AGENT, _Translating(agent, clock))
     if containers is not None:
-        add_service(server, CONTAINERS, _Translating(containers))
+        add_service(server, CONTAINERS, _Translating(containers, clock))
     return server
