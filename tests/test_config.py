@@ -154,6 +154,8 @@ def test_good_accel(value: str) -> None:
     ({"timeouts": {"kvm_probe": 3601}}, "timeouts.kvm_probe"),
     ({"timeouts": {"qmp_command": float("nan")}}, "timeouts.qmp_command"),
     ({"timeouts": {"agent_call": float("inf")}}, "timeouts.agent_call"),
+    ({"template": {"standby": 9}}, "template.standby"),
+    ({"template": {"standby": -1}}, "template.standby"),
 ])
 def test_out_of_range_is_named(overrides: dict, key: str) -> None:
     err = config_error(overrides=overrides)

@@ -100,12 +100,15 @@ class TemplateConfig:
     name: str = "default"
     max_age_s: float = 3600.0   # 0: no age limit
     max_clones: int = 1000      # 0: no clone limit
+    # Clone QEMUs started ahead, waiting for a template's state (0: none).
+    standby: int = 1
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError("template.name", f"{self.name!r}: use letters, digits, - and _")
         _check_range("template.max_age_s", self.max_age_s, 0, 365 * 86400)
         _check_range("template.max_clones", self.max_clones, 0, 10**9)
+        _check_range("template.standby", self.standby, 0, 8)
 
 
 Base = Literal["template", "direct"]

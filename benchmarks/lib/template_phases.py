@@ -16,7 +16,7 @@ from vmfactory.config import Config
 from vmfactory.factory.direct import DirectFactory
 from vmfactory.factory.sequence import prepare_vm
 from vmfactory.factory.template import Template, TemplateState
-from vmfactory.hypervisor.base import Vm
+from vmfactory.hypervisor.base import Vm, new_vm_id
 from vmfactory.app import make_hypervisor
 
 PREFIX = "template:"
@@ -32,7 +32,8 @@ class Bench:
         self.config = config
         self.hypervisor = make_hypervisor(config)
         self.factory = DirectFactory(config, self.hypervisor)
-        self.template = Template(config.paths.template_dir / TEMPLATE_NAME, self.hypervisor)
+        self.template = Template(config.paths.template_dir / TEMPLATE_NAME, self.hypervisor,
+                                 config.template.standby)
         self.live: list[Vm] = []
         # Largest RSS seen per kind of VM: the cost of the next one, for the memory check.
         self.rss_seen: dict[str, float] = {}
@@ -51,9 +52,15 @@ class Bench:
         self.live.append(vm)  # no await in between: a cancelled get_vm stops its own VM
         return vm
 
-    async def clone(self) -> Vm:
+    async def clone(self, fresh: bool = False) -> Vm:
+        """A clone from a standby QEMU, once the standby fill has caught up (the
+        steady state), or ``fresh``: a new QEMU (an imposed vm id skips the standby)."""
         self.check_room("clone")
-        vm = await self.template.clone()
+        if fresh:
+            vm = await self.template.clone(new_vm_id())
+        else:
+            await self.template.standby.settled()
+            vm = await self.template.clone()
         self.live.append(vm)
         return vm
 
@@ -103,10 +110,13 @@ async def latency_runs(bench: Bench, n: int, stopped_early: dict[str, str], kind
     """``n`` VMs of ``kind`` (direct: a boot, clone: a clone), each measured then
     stopped; fewer when host memory runs low (noted in ``stopped_early``)."""
     label = "cold boot" if kind == "direct" else "clone"
+    # With standby QEMUs, every other clone starts a new QEMU: both paths in one run.
+    alternate = kind == "clone" and bench.template.standby.count > 0
     runs = []
     for i in range(n):
         try:
-            vm = await (bench.boot() if kind == "direct" else bench.clone())
+            vm = await (bench.boot() if kind == "direct"
+                        else bench.clone(fresh=not alternate or i % 2 == 1))
         except MemoryLow as exc:
             progress(f"{PREFIX} [{i + 1}/{n}] {label}: stopping early: {exc}")
             stopped_early["latency_cold" if kind == "direct" else "latency_clone"] = str(exc)
@@ -143,6 +153,13 @@ async def build_template(bench: Bench) -> dict[str, Any]:
             # What the RAM file really occupies on tmpfs (host memory no process's PSS shows).
             "memory_file_resident_mib":
                 round(bench.template.memory_file.stat().st_blocks * 512 / (1 << 20), 1)}
+    bench.template.standby.replenish()  # (a clone starts it in the product)
+    await bench.template.standby.settled()
+    waiting = bench.template.standby.vms()
+    # What a QEMU standing by costs the host before it takes a clone's state.
+    info["standby_qemus"] = len(waiting)
+    info["standby_pss_mib"] = round(mean([v.memory().pss_mib for v in waiting]), 1) \
+        if waiting else None
     progress(f"{PREFIX} template ready in {info['build_s']:.1f} s (state {info['state_kib']:.0f} "
              f"KiB, RAM file {info['memory_file_resident_mib']:.0f} MiB on tmpfs)")
     return info
@@ -156,8 +173,9 @@ async def latency_clones(bench: Bench, n: int,
         return run
     return await latency_runs(
         bench, n, stopped_early, "clone", measure,
-        lambda r: f"agent ready in {r['agent_ready_ms']:.1f} ms (restored at "
-                  f"{r['restore_ms']:.1f} ms, get-VM sequence {r['prepare_ms']:.1f} ms)")
+        lambda r: f"{'standby QEMU' if r['standby'] else 'new QEMU'}: agent ready in "
+                  f"{r['agent_ready_ms']:.1f} ms (restored at {r['restore_ms']:.1f} ms, "
+                  f"get-VM sequence {r['prepare_ms']:.1f} ms)")
 
 
 async def start_alive(bench: Bench, kind: str, alive: list[Vm]) -> tuple[dict[str, float], float]:

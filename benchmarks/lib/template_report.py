@@ -17,21 +17,31 @@ TARGET_PSS_FRACTION = 0.20
 TARGET_PSS_N = 10
 KINDS = ("direct", "clone")
 LATENCY_ROWS = (("cold: spawn -> agent ready (ms)", "cold_ms"),
-                ("clone: spawn -> agent ready (ms)", "clone_ms"),
-                ("clone: spawn -> restored (ms)", "restore_ms"),
-                ("clone: spawn -> QMP up (ms)", "clone_qemu_start_ms"),
+                ("clone: start -> agent ready (ms)", "clone_ms"),
+                ("clone, new QEMU: spawn -> agent ready (ms)", "clone_fresh_ms"),
+                ("clone: restore (ms)", "restore_ms"),
+                ("clone, new QEMU: spawn -> QMP up (ms)", "clone_qemu_start_ms"),
                 ("clone: get-VM sequence (ms)", "clone_prepare_ms"))
 
 
 # -- assembling ------------------------------------------------------------------
 
 def latency(m: Measurements) -> dict[str, Any]:
-    """Latency stats of the cold boots and clones, and the ratio of their medians."""
+    """Latency stats of the cold boots and clones, and the ratio of their medians.
+
+    ``clone_ms`` is the product's path: a clone whose QEMU stood by when the
+    template keeps standby QEMUs (from ``start()``; its spawn happened ahead),
+    else a new QEMU's spawn -> agent ready, which ``clone_fresh_ms`` always is.
+    """
     cold_ms = maybe_stats([r["agent_ready_ms"] for r in m.cold])
-    clone_ms = maybe_stats([r["agent_ready_ms"] for r in m.clones])
+    fresh = [r for r in m.clones if not r.get("standby")]
+    product = [r for r in m.clones if r.get("standby")] or fresh
+    clone_ms = maybe_stats([r["agent_ready_ms"] for r in product])
     return {"cold_ms": cold_ms, "clone_ms": clone_ms,
-            "restore_ms": maybe_stats([r["restore_ms"] for r in m.clones]),
-            "clone_qemu_start_ms": maybe_stats([r["qemu_start_ms"] for r in m.clones]),
+            "clone_fresh_ms": maybe_stats([r["agent_ready_ms"] for r in fresh]),
+            "clone_standby_runs": len(m.clones) - len(fresh),
+            "restore_ms": maybe_stats([r["restore_ms"] - r["qemu_start_ms"] for r in m.clones]),
+            "clone_qemu_start_ms": maybe_stats([r["qemu_start_ms"] for r in fresh]),
             "clone_prepare_ms": maybe_stats([r["prepare_ms"] for r in m.clones]),
             "ratio_cold_over_clone": (round(cold_ms["median"] / clone_ms["median"], 1)
                                       if cold_ms and clone_ms and clone_ms["median"] > 0
@@ -86,7 +96,7 @@ def evaluate_targets(result: dict[str, Any]) -> dict[str, Any]:
     fraction = (round(clone_pss / direct_pss, 4)
                 if clone_pss is not None and direct_pss else None)
     return {
-        "clone_median_ms": target("clone spawn -> agent ready, median", clone_median, "<",
+        "clone_median_ms": target("clone start -> agent ready, median", clone_median, "<",
                                   TARGET_CLONE_MS, "ms"),
         "ratio_cold_over_clone": target("cold / clone ratio of medians",
                                         result["ratio_cold_over_clone"], ">=", TARGET_RATIO, "x"),
@@ -136,6 +146,9 @@ def memory_section(result: dict[str, Any]) -> list[str]:
                   "clone/direct PSS"], [memory_row(result, s) for s in result["sizes"]]),
            f"(plus the template's RAM file on tmpfs: {tpl['memory_file_resident_mib']:.0f} MiB "
            f"resident, shared by all clones, in no process's PSS)"]
+    if tpl.get("standby_pss_mib") is not None:
+        out.append(f"(plus {tpl['standby_qemus']} QEMU(s) standing by for the next clone: "
+                   f"{tpl['standby_pss_mib']:.1f} MiB PSS each)")
     for phase, why in (result["stopped_early"] or {}).items():
         out.append(f"stopped early ({phase}): {why}")
     return out
@@ -167,8 +180,12 @@ def latency_axis(ax: Any, result: dict[str, Any]) -> None:
     runs = result["runs"]
     groups = [("cold boot\nspawn -> agent ready", [r["agent_ready_ms"] for r in runs["cold"]],
                "C0"),
-              ("clone\nspawn -> agent ready", [r["agent_ready_ms"] for r in runs["clone"]], "C1"),
-              ("clone\nspawn -> restored", [r["restore_ms"] for r in runs["clone"]], "C2")]
+              ("clone, standby QEMU\nstart -> agent ready",
+               [r["agent_ready_ms"] for r in runs["clone"] if r.get("standby")], "C1"),
+              ("clone, new QEMU\nspawn -> agent ready",
+               [r["agent_ready_ms"] for r in runs["clone"] if not r.get("standby")], "C4"),
+              ("clone\nrestore", [r["restore_ms"] - r["qemu_start_ms"] for r in runs["clone"]],
+               "C2")]
     groups = [g for g in groups if g[1]]
     for x, (_, values, color) in enumerate(groups):
         st = stats(values)

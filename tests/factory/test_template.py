@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -206,3 +208,71 @@ async def test_bigger_request_is_hot_plugged(template: Template) -> None:
         assert (vm.cpus, vm.memory_mib) == (2, want.memory_mib)
     finally:
         await vm.stop()
+
+
+# -- standby QEMUs -----------------------------------------------------------------
+
+def _nice(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+async def _with_standby(template: Template, name: str) -> Template:
+    """A copy of ``template`` that keeps one QEMU standing by, filled."""
+    shutil.copytree(template.directory, template.directory.with_name(name))
+    copy = Template(template.directory.with_name(name), template.hypervisor, standby=1)
+    copy.standby.replenish()
+    await copy.standby.settled()
+    return copy
+
+
+async def test_a_clone_takes_the_qemu_standing_by(template: Template) -> None:
+    copy = await _with_standby(template, "t-standby")
+    try:
+        [waiting] = copy.standby.vms()
+        assert waiting.state is VmState.STANDBY and _nice(waiting.pid) == 19
+        assert waiting.pid in qemu_pids_under(copy.directory)
+        vm = await copy.clone()
+        try:
+            assert vm is waiting and vm.state is VmState.RUNNING
+            assert vm.timings.standby and vm.timings.qemu_start_ms == 0
+            assert 0 < vm.timings.restore_ms <= vm.timings.agent_ready_ms
+            assert _nice(vm.pid) == 0  # its own priority back for the lessee
+            assert (await vm.agent.info(0)).platform == "guest"
+            # The next one is being started behind it.
+            await copy.standby.settled()
+            [behind] = copy.standby.vms()
+            assert behind is not vm and behind.state is VmState.STANDBY
+            assert copy.status()["waiting"] == 1
+        finally:
+            await vm.stop()
+    finally:
+        await copy.destroy()
+    assert not qemu_pids_under(copy.directory)  # the standby QEMU went with the template
+    assert not behind.run_dir.exists() and not copy.directory.exists()
+
+
+async def test_a_killed_standby_qemu_gives_way_to_a_new_clone(template: Template) -> None:
+    copy = await _with_standby(template, "t-standby-killed")
+    try:
+        [waiting] = copy.standby.vms()
+        os.kill(waiting.pid, signal.SIGKILL)
+        await asyncio.sleep(0.2)
+        vm = await copy.clone()
+        try:
+            assert vm is not waiting and not vm.timings.standby
+            assert vm.timings.qemu_start_ms > 0
+            assert (await vm.agent.info(0)).platform == "guest"
+        finally:
+            await vm.stop()
+        assert not waiting.run_dir.exists()  # the dead one was torn down
+    finally:
+        await copy.destroy()
+    assert not qemu_pids_under(copy.directory)
+
+
+async def test_only_a_clone_can_stand_by(template: Template) -> None:
+    vm = template.hypervisor.create_vm(dataclasses.replace(template.spec, incoming=None))
+    with pytest.raises(HypervisorError, match="only a clone"):
+        await vm.stand_by()
+    await vm.stop()
+    assert vm.pid is None and not qemu_pids_under(vm.run_dir)

@@ -366,8 +366,10 @@ class Daemon(Lifecycle[DaemonState]):
     # -- status ------------------------------------------------------------
     def status(self, caller: Caller) -> dict[str, Any]:
         """Pools and VMs; leases of others without their ids."""
+        standby = [vm for f in self.templates.values() for vm in f.template.standby.vms()]
         return {**daemon_status(self.pools.values(), self.leases.values(), self.recovery,
-                                self.started_at, caller), "template": self.template.status()}
+                                self.started_at, caller, standby),
+                "template": self.template.status()}
 
 
 __all__ = ["Daemon", "DaemonState", "PermissionDenied", "VmRequest"]

@@ -24,6 +24,7 @@ class VmSource(enum.StrEnum):
     POOL = "pool"     # a warm pool's ready VM
     CLONE = "clone"   # cloned from the template for this request
     BOOT = "boot"     # cold-booted for this request
+    STANDBY = "standby"  # not handed out: a clone's QEMU waiting for its template's state
 
     @classmethod
     def made(cls, vm: Vm) -> VmSource:

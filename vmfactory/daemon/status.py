@@ -45,11 +45,15 @@ def vm_status(vm: Vm, pool: str, lease: Lease | None, source: VmSource,
 
 
 def daemon_status(pools: Iterable[Pool], leases: Iterable[Lease], recovery: RecoveryReport,
-                  started_at: float, caller: Caller) -> dict[str, Any]:
+                  started_at: float, caller: Caller, standby: Iterable[Vm] = ()
+                  ) -> dict[str, Any]:
+    """Pools, and every VM process the daemon runs: pooled, leased, and the
+    templates' ``standby`` QEMUs (so each QEMU on the node is accounted for)."""
     pools = list(pools)
     vms = [vm_status(vm, p.name, None, VmSource.POOL, caller)
            for p in pools for vm in list(p.ready)]
     vms += [vm_status(le.vm, le.pool, le, le.source, caller) for le in leases]
+    vms += [vm_status(vm, "", None, VmSource.STANDBY, caller) for vm in standby]
     live = {v["pid"] for v in vms}
     for pid in [pid for pid in _PROCS if pid not in live]:
         del _PROCS[pid]

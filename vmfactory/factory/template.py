@@ -5,7 +5,9 @@ A template is a directory on tmpfs (mode 0700) holding the guest's RAM
 device state (``state``, saved with x-ignore-shared so RAM is not copied) and a
 record (``template.json``) of what it was built from.  A clone is a new QEMU
 with the same devices, the memory file mapped private (copy-on-write), and the
-device state restored: tens of milliseconds instead of a cold boot.
+device state restored: tens of milliseconds instead of a cold boot.  With
+``standby`` > 0 the next clones' QEMUs are started ahead (see standby.py), so a
+clone pays only for the restore.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from vmfactory.errors import TemplateError
+from vmfactory.errors import HypervisorError, TemplateError
+from vmfactory.factory.standby import StandbyClones
 from vmfactory.hypervisor.base import Hypervisor, Vm, VmSpec
 from vmfactory.util.states import Lifecycle, require
 from vmfactory.util.tasks import finish
@@ -88,10 +91,12 @@ def spec_from_record(record: dict[str, Any]) -> VmSpec:
 class Template(Lifecycle[TemplateState]):
     """One template directory and its lifecycle."""
 
-    def __init__(self, directory: Path, hypervisor: Hypervisor) -> None:
+    def __init__(self, directory: Path, hypervisor: Hypervisor, standby: int = 0) -> None:
         self.directory = directory
         self.hypervisor = hypervisor
         self.record: dict[str, Any] = {}
+        self.standby = StandbyClones(directory.name, self._standby_vm,
+                                     standby if hypervisor.supports_standby else 0)
         self._set_state(TemplateState.ABSENT)
         if self.record_file.exists():
             self.record = json.loads(self.record_file.read_text())
@@ -196,21 +201,48 @@ class Template(Lifecycle[TemplateState]):
                 return f"vm.{key} differs from the template's"
         return None
 
+    def _clone_spec(self) -> VmSpec:
+        return dataclasses.replace(self.spec, memory_path=self.memory_file,
+                                   memory_shared=False, incoming=self.state_file)
+
+    def _standby_vm(self) -> Vm:
+        return self.hypervisor.create_vm(self._clone_spec())
+
     async def clone(self, vm_id: str | None = None) -> Vm:
-        """A RUNNING clone whose agent answered."""
+        """A RUNNING clone whose agent answered: a standby QEMU restored when one
+        waits (and ``vm_id`` is not imposed), else a new one."""
         problem = self.problem()
         if problem:
             raise TemplateError(f"template {self.name}: {problem}")
-        spec = dataclasses.replace(self.spec, memory_path=self.memory_file,
-                                   memory_shared=False, incoming=self.state_file)
-        vm = self.hypervisor.create_vm(spec, vm_id)
-        await vm.start()  # stops the VM itself on failure
+        try:
+            vm = await self._start_clone(vm_id)
+        finally:
+            self.standby.replenish()
         self.record["clone_count"] += 1
         self._write_record()
         return vm
 
+    async def _start_clone(self, vm_id: str | None) -> Vm:
+        waiting = self.standby.take() if vm_id is None else None
+        if waiting is not None:
+            try:
+                await waiting.start()  # stops the VM itself on failure
+                return waiting
+            except HypervisorError as exc:
+                # Its QEMU may have been killed while it waited: a new one still can.
+                logger.warning("template %s: standby vm %s failed (%s): a new clone",
+                               self.name, waiting.id, exc)
+        vm = self.hypervisor.create_vm(self._clone_spec(), vm_id)
+        await vm.start()
+        return vm
+
+    async def close_standby(self) -> None:
+        """Stop the QEMUs waiting for a clone (they map the memory file); idempotent."""
+        await self.standby.close()
+
     async def destroy(self) -> None:
-        """Remove the template's files; idempotent."""
+        """Stop the standby QEMUs, remove the template's files; idempotent."""
+        await self.close_standby()
         self.remove()
 
     @require(TemplateState.ABSENT, TemplateState.READY, TemplateState.DESTROYED,
@@ -232,4 +264,5 @@ class Template(Lifecycle[TemplateState]):
             out.update({k: self.record[k] for k in ("created_at", "clone_count", "state_bytes",
                                                     "qemu_version", "build_seconds")})
             out["problem"] = self.problem()
+        out.update(self.standby.status())
         return out

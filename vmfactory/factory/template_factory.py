@@ -3,7 +3,7 @@
 Templates rotate: after ``template.max_age_s`` or ``template.max_clones`` a new
 generation is built in the background while requests keep cloning the current
 one; then the two are swapped and the old one removed (its running clones keep
-their memory mappings).
+their memory mappings; its standby QEMUs are stopped).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class TemplateFactory(FactoryBase):
     def _adopt_newest(self) -> Template:
         """The newest saved generation of the configured template; older ones are removed."""
         root, name = self.config.paths.template_dir, self.name
-        found = [Template(d, self.hypervisor)
+        found = [Template(d, self.hypervisor, self.config.template.standby)
                  for d in (sorted(root.glob(f"{name}.*")) if root.is_dir() else [])]
         for broken in [t for t in found if t.state is not TemplateState.READY]:
             logger.info("removing unfinished template %s", broken.directory.name)
@@ -68,7 +68,7 @@ class TemplateFactory(FactoryBase):
 
     def _new_generation(self) -> Template:
         directory = self.config.paths.template_dir / f"{self.name}.{time.time_ns()}"
-        return Template(directory, self.hypervisor)
+        return Template(directory, self.hypervisor, self.config.template.standby)
 
     async def ensure_template(self) -> Template:
         async with self._create_lock:
@@ -122,8 +122,10 @@ class TemplateFactory(FactoryBase):
             return
         async with self._create_lock:
             old, self.template = self.template, fresh
-        self.rotations += 1
-        await old.destroy()
+        try:
+            await old.destroy()  # its standby QEMUs first: they map its memory file
+        finally:
+            self.rotations += 1  # counted once the old generation is gone
 
     async def rotate_now(self) -> None:
         """Rotate immediately and wait for it (CLI and tests)."""
@@ -135,8 +137,10 @@ class TemplateFactory(FactoryBase):
                 "template": self.template.status(), "direct": self.direct.status()}
 
     async def close(self) -> None:
-        """Stop a rotation in progress (its half-built generation is removed) and the
-        direct base; the current template stays for :meth:`Template.destroy`."""
+        """Stop a rotation in progress (its half-built generation is removed), the
+        current template's standby QEMUs and the direct base; the template's files
+        stay for :meth:`Template.destroy`."""
         await self._tasks.close()
+        await self.template.close_standby()
         await self.direct.close()
 

@@ -52,6 +52,7 @@ def check_serial(serial: str) -> None:
 
 class VmState(enum.Enum):
     CREATED = "created"
+    STANDBY = "standby"    # a clone's process started ahead, waiting for its state
     STARTING = "starting"
     RUNNING = "running"
     PAUSED = "paused"
@@ -102,16 +103,18 @@ class VmSpec:
 
 @dataclass
 class BootTimings:
-    """Milliseconds from process spawn, plus the guest's own uptime milestones."""
+    """Milliseconds from process spawn (from ``start()`` for a clone whose QEMU
+    stood by: ``standby``), plus the guest's own uptime milestones."""
 
     qemu_start_ms: float = 0.0
     restore_ms: float = 0.0
     agent_ready_ms: float = 0.0
     guest_init_s: float = 0.0
     guest_agent_ready_s: float = 0.0
+    standby: bool = False
 
-    def as_dict(self) -> dict[str, float]:
-        return {k: round(v, 3) for k, v in asdict(self).items()}
+    def as_dict(self) -> dict[str, float | bool]:
+        return {k: v if isinstance(v, bool) else round(v, 3) for k, v in asdict(self).items()}
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ class Vm(Lifecycle[VmState], ABC):
             except (ProcessLookupError, PermissionError):
                 pass  # that thread ended meanwhile; raising needs root, which the daemon is
 
-    @require(*LIVE)
+    @require(*LIVE, VmState.STANDBY)
     def memory(self) -> MemoryUsage:
         """Host memory used by the VM's process."""
         assert self.pid is not None
@@ -272,7 +275,13 @@ class Vm(Lifecycle[VmState], ABC):
 
     @abstractmethod
     async def start(self) -> None:
-        """Boot and wait until the agent answers (CREATED -> RUNNING)."""
+        """Boot and wait until the agent answers (CREATED or STANDBY -> RUNNING)."""
+
+    async def stand_by(self) -> None:
+        """Start the process of a clone ahead of its restore (CREATED -> STANDBY),
+        so :meth:`start` costs only the restore; hypervisors with
+        ``supports_standby`` implement it."""
+        raise HypervisorError("standby", f"{type(self).__name__} cannot stand by")
 
     @abstractmethod
     async def adopt(self, pid: int) -> None:
@@ -354,6 +363,8 @@ class Hypervisor(ABC):
     vm_class: type[Vm]
     # A word in the command line of every VM process this plugin starts.
     process_marker: str = ""
+    # Whether its VMs can be started ahead of a clone's restore (Vm.stand_by).
+    supports_standby: bool = False
 
     def __init__(self, run_dir: Path, timeouts: TimeoutsConfig) -> None:
         self.run_dir = run_dir

@@ -59,19 +59,39 @@ class QemuVm(Vm):
 
     # -- process lifecycle ---------------------------------------------------
     @require(VmState.CREATED)
-    async def start(self) -> None:
-        await self._starting(self._boot())
-        self._set_state(VmState.RUNNING)
-        logger.info("vm %s running (pid %s, agent ready in %.0f ms)", self.id, self.pid,
-                    self.timings.agent_ready_ms)
+    async def stand_by(self) -> None:
+        if self.spec.incoming is None:
+            raise HypervisorError("standby", "only a clone (a spec with incoming state) "
+                                             "can stand by")
+        await self._starting(self._launch())
+        self._set_state(VmState.STANDBY)
 
-    async def _boot(self) -> None:
+    @require(VmState.CREATED, VmState.STANDBY)
+    async def start(self) -> None:
+        launched = self.state is VmState.STANDBY
+        await self._starting(self._boot(launched))
+        self._set_state(VmState.RUNNING)
+        logger.info("vm %s running (pid %s, agent ready in %.0f ms%s)", self.id, self.pid,
+                    self.timings.agent_ready_ms, ", QEMU started ahead" if launched else "")
+
+    async def _launch(self) -> None:
+        """Spawn QEMU and connect QMP (a clone's QEMU then waits in -incoming defer)."""
         t0 = time.monotonic()
         self._check_inputs()
         make_run_dir(self.run_dir, fresh=True)
         await self._spawn()
         await self._guarded("qmp-connect", self._connect_qmp(), self.timeouts.qemu_start)
         self.timings.qemu_start_ms = (time.monotonic() - t0) * 1000
+
+    async def _boot(self, launched: bool) -> None:
+        """From spawn (or, ``launched``, from a standby QEMU) to the agent answering;
+        the timings count from here, so a standby clone's qemu_start_ms is 0."""
+        t0 = time.monotonic()
+        if launched:
+            self.timings.qemu_start_ms = 0.0
+            self.timings.standby = True
+        else:
+            await self._launch()
         if self.spec.incoming is not None:
             await self._guarded("restore", migration.restore(
                 self.qmp, self.spec.incoming, self._exit_reason), self.timeouts.migrate)
@@ -137,20 +157,30 @@ class QemuVm(Vm):
             return
 
     async def _wait_agent(self) -> None:
-        """The agent is ready when its control loop answers and its gRPC server
-        listens.  The gRPC channel itself connects on first use: a template's
-        guest must be saved without a gRPC session, and a clone's first gRPC
+        """The agent is ready when its control loop answers and its ttrpc server
+        serves.  The agent channel itself connects on first use: a template's
+        guest must be saved without a host on it, and a clone's first agent
         call pays for TCG translating that path."""
         control = ControlClient(str(self.run_dir / "ctl.sock"), self.timeouts.agent_call)
         self.control = control
         await self._guarded("agent-ready", control.connect(), self.timeouts.agent_call)
         timeout = self.timeouts.agent_ready
-        status = await self._guarded("agent-ready", control.wait_ready(timeout), timeout + 1)
+        if self.spec.incoming is not None:
+            # A clone's agent served when its template was saved, so one ping
+            # proves it runs again.  Its status (MemTotal, boot milestones) costs
+            # a restored guest ~60 ms of first-time translation under TCG: it is
+            # asked for only by a hot-plug, which needs it.
+            await self._guarded("agent-ready", control.ping(timeout), timeout + 1)
+        else:
+            self._note_status(await self._guarded("agent-ready", control.wait_ready(timeout),
+                                                  timeout + 1))
+        self.agent = AgentClient(f"unix:{self.agent_socket}", self.timeouts.agent_call)
+
+    def _note_status(self, status: dict[str, Any]) -> None:
         self.boot_mem_total_kib = status["mem_total_kib"]
         boot = status["boot"]
         self.timings.guest_init_s = boot.get("init_start_s", 0.0)
         self.timings.guest_agent_ready_s = boot.get("agent_ready_s", 0.0)
-        self.agent = AgentClient(f"unix:{self.agent_socket}", self.timeouts.agent_call)
 
     async def _guarded(self, step: str, work: Awaitable[T], timeout: float) -> T:
         """Run ``work`` unless QEMU exits first or ``timeout`` passes."""
@@ -232,6 +262,9 @@ class QemuVm(Vm):
         if cpus > vm.max_cpus or memory_mib > vm.max_memory_mib:
             raise HypervisorError("hot-plug", f"{cpus} vCPUs / {memory_mib} MiB exceeds the "
                                               f"VM's maximum {vm.max_cpus} / {vm.max_memory_mib}")
+        if not self.boot_mem_total_kib and self.control is not None:
+            # A clone's MemTotal before anything is plugged (see _wait_agent).
+            self._note_status(await self.control.status())
         if cpus > self.cpus:
             self.cpus = await hotplug.plug_cpus(self.qmp, self.cpus, cpus - self.cpus)
         if memory_mib > self.memory_mib:
@@ -309,3 +342,4 @@ class QemuHypervisor(Hypervisor):
     name = "qemu"
     vm_class = QemuVm
     process_marker = QEMU_MARKER
+    supports_standby = True
